@@ -1,0 +1,20 @@
+"""instseg_ops: C++/CUDA operators for instance segmentation, drop-in for torchvision.ops.
+
+Ops are registered in the ``instseg`` namespace (``torch.ops.instseg.*``) when the
+compiled extension ``instseg_ops._C`` is imported; this module adds the Python
+wrappers, fake kernels (torch.compile / torch.export) and autograd formulas.
+"""
+import torch  # noqa: F401  (must be imported before the extension)
+
+from . import _C  # noqa: F401  registers torch.ops.instseg.*
+from .roi_align import RoIAlign, roi_align
+
+__version__ = "0.1.0"
+
+
+def cuda_built() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("instseg::roi_align", "CUDA")
+
+
+__all__ = ["roi_align", "RoIAlign", "cuda_built", "__version__"]

@@ -1,0 +1,174 @@
+"""RoIAlign: Python API, fake kernels and autograd for ``instseg::roi_align``.
+
+``roi_align`` is a drop-in replacement for ``torchvision.ops.roi_align`` (same
+arguments, same numbers) that also takes float16/bfloat16 natively, keeps
+channels_last inputs in place, never reads out of bounds on bad boxes and has a
+deterministic CUDA backward.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+BoxesArg = Union[Tensor, Sequence[Tensor]]
+
+
+def _pair(output_size) -> Tuple[int, int]:
+    if isinstance(output_size, int):
+        return output_size, output_size
+    if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
+        return int(output_size[0]), int(output_size[1])
+    if isinstance(output_size, (list, tuple)) and len(output_size) == 1:
+        return int(output_size[0]), int(output_size[0])
+    raise ValueError(f"roi_align: output_size must be an int or a pair of ints, got {output_size!r}")
+
+
+def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
+    """Tensor[K, 5] (batch index, x1, y1, x2, y2) from either that or a list of Tensor[L, 4]."""
+    if isinstance(boxes, Tensor):
+        torch._check(
+            boxes.dim() == 2 and boxes.shape[1] == 5,
+            lambda: f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {tuple(boxes.shape)}",
+        )
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes)}")
+    if len(boxes) == 0:
+        return like.new_zeros((0, 5))
+    parts = []
+    for i, b in enumerate(boxes):
+        torch._check(
+            b.dim() == 2 and b.shape[1] == 4,
+            lambda: f"roi_align: boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}",
+        )
+        parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
+    return torch.cat(parts, dim=0)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """The layout rule the kernels use: channels_last only when not also plain contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def roi_align(
+    input: Tensor,
+    boxes: BoxesArg,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    deterministic: Optional[bool] = None,
+) -> Tensor:
+    """RoIAlign (He et al., Mask R-CNN), same semantics as ``torchvision.ops.roi_align``.
+
+    Args:
+        input: Tensor[N, C, H, W], float32/float64/float16/bfloat16, NCHW or channels_last.
+        boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4]
+            (one per image). Any floating dtype; coordinates are used in float32
+            (float64 for float64 input).
+        output_size: int or (height, width) of each pooled RoI.
+        spatial_scale: factor mapping box coordinates to input coordinates.
+        sampling_ratio: samples per bin along each axis; <= 0 means adaptive
+            (``ceil(roi_size / output_size)``).
+        aligned: shift boxes by -0.5 pixel (pixel-centre model), no minimum RoI size.
+        deterministic: use the deterministic CUDA backward. ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``. CPU is always deterministic.
+
+    Returns:
+        Tensor[K, C, output_size[0], output_size[1]] with the input's dtype and memory format.
+    """
+    rois = boxes_to_rois(boxes, input)
+    ph, pw = _pair(output_size)
+    det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+    return torch.ops.instseg.roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), det)
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align` (drop-in for ``torchvision.ops.RoIAlign``)."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False,
+                 deterministic: Optional[bool] = None):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.deterministic = deterministic
+
+    def forward(self, input: Tensor, rois: BoxesArg) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         deterministic=self.deterministic)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and memory formats, no data.
+
+
+def _memory_format(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.library.register_fake("instseg::roi_align")
+def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                    deterministic=False):
+    torch._check(input.dim() == 4, lambda: "roi_align: input must be a 4-D tensor [N, C, H, W]")
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must be a Tensor[K, 5]")
+    torch._check(pooled_height > 0 and pooled_width > 0, lambda: "roi_align: output_size must be positive")
+    return torch.empty((rois.shape[0], input.shape[1], pooled_height, pooled_width), dtype=input.dtype,
+                       device=input.device, memory_format=_memory_format(is_channels_last(input)))
+
+
+@torch.library.register_fake("instseg::_roi_align_backward")
+def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
+                             height, width, sampling_ratio, aligned, channels_last, deterministic):
+    torch._check(grad.dim() == 4, lambda: "_roi_align_backward: grad must be 4-D")
+    return torch.empty((batch_size, channels, height, width), dtype=grad.dtype, device=grad.device,
+                       memory_format=_memory_format(channels_last))
+
+
+# ---------------------------------------------------------------------------
+# Autograd. The backward is its own op; its derivative (double backward) is the
+# forward again, since RoIAlign is linear in its input.
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned, deterministic = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, ph, pw, sampling_ratio, aligned, deterministic)
+    ctx.input_shape = input.shape
+    ctx.channels_last = is_channels_last(input)
+
+
+def _backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    spatial_scale, ph, pw, sampling_ratio, aligned, deterministic = ctx.args
+    n, c, h, w = ctx.input_shape
+    grad_input = torch.ops.instseg._roi_align_backward(
+        grad, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned, ctx.channels_last, deterministic)
+    return grad_input, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("instseg::roi_align", _backward, setup_context=_setup_context)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad, rois, spatial_scale, ph, pw, _n, _c, _h, _w, sampling_ratio, aligned, _cl, deterministic = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, ph, pw, sampling_ratio, aligned, deterministic)
+
+
+def _backward_backward(ctx, grad_grad_input):
+    (rois,) = ctx.saved_tensors
+    spatial_scale, ph, pw, sampling_ratio, aligned, deterministic = ctx.args
+    grad_grad = torch.ops.instseg.roi_align(grad_grad_input, rois, spatial_scale, ph, pw, sampling_ratio, aligned,
+                                            deterministic)
+    return (grad_grad,) + (None,) * 12
+
+
+torch.library.register_autograd("instseg::_roi_align_backward", _backward_backward,
+                                setup_context=_backward_setup_context)
