@@ -26,10 +26,9 @@ def _pair(output_size) -> Tuple[int, int]:
 def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
     """Tensor[K, 5] (batch index, x1, y1, x2, y2) from either that or a list of Tensor[L, 4]."""
     if isinstance(boxes, Tensor):
-        torch._check(
-            boxes.dim() == 2 and boxes.shape[1] == 5,
-            lambda: f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {tuple(boxes.shape)}",
-        )
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(
+                f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {tuple(boxes.shape)}")
         return boxes
     if not isinstance(boxes, (list, tuple)):
         raise TypeError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes)}")
@@ -37,10 +36,8 @@ def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
         return like.new_zeros((0, 5))
     parts = []
     for i, b in enumerate(boxes):
-        torch._check(
-            b.dim() == 2 and b.shape[1] == 4,
-            lambda: f"roi_align: boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}",
-        )
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"roi_align: boxes[{i}] must be a Tensor[L, 4], got {getattr(b, 'shape', type(b))}")
         parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
     return torch.cat(parts, dim=0)
 
@@ -119,6 +116,7 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
     torch._check(input.dim() == 4, lambda: "roi_align: input must be a 4-D tensor [N, C, H, W]")
     torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must be a Tensor[K, 5]")
     torch._check(pooled_height > 0 and pooled_width > 0, lambda: "roi_align: output_size must be positive")
+    torch._check(input.device == rois.device, lambda: f"roi_align: input is on {input.device} but rois are on {rois.device}")
     return torch.empty((rois.shape[0], input.shape[1], pooled_height, pooled_width), dtype=input.dtype,
                        device=input.device, memory_format=_memory_format(is_channels_last(input)))
 

@@ -1,0 +1,102 @@
+"""Pure-PyTorch reference implementations, written from the documented semantics.
+
+Slow (a Python loop over RoIs) and meant for tests and for checking the kernels,
+not for models. Differentiable through autograd, so it also gives reference
+gradients.
+"""
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def _axis_samples(start: Tensor, bin_size: Tensor, pooled: int, grid: int, size: int):
+    """Sample coordinates of one axis, shape [pooled, grid], in the geometry dtype."""
+    p = torch.arange(pooled, dtype=start.dtype, device=start.device)[:, None]
+    i = torch.arange(grid, dtype=start.dtype, device=start.device)[None, :]
+    # The same association as the documented formula:
+    # start + p * bin + (i + 0.5) * bin / grid
+    return start + p * bin_size + (i + 0.5) * bin_size / grid
+
+
+def _bilinear_1d(coord: Tensor, size: int):
+    """Neighbouring pixels, weights and validity of coordinates along one axis."""
+    valid = (coord >= -1.0) & (coord <= size)
+    c = coord.clamp(min=0)
+    lo = c.floor().long()
+    at_edge = lo >= size - 1
+    lo = torch.where(at_edge, torch.full_like(lo, size - 1), lo)
+    hi = torch.where(at_edge, lo, lo + 1)
+    c = torch.where(at_edge, lo.to(c.dtype), c)
+    frac = c - lo.to(c.dtype)
+    return lo, hi, 1.0 - frac, frac, valid
+
+
+def roi_align_reference(
+    input: Tensor,
+    rois: Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign with torchvision's semantics; NaN/inf or out-of-range RoIs give zeros.
+
+    Geometry is computed in float32 (float64 for float64 input), like the kernels;
+    the interpolation itself accumulates in float64.
+    """
+    ph_n, pw_n = output_size
+    n_img, channels, height, width = input.shape
+    geo_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    r = rois.to(geo_dtype)
+    feats = input.to(torch.float64)
+    out = []
+    scale = torch.tensor(spatial_scale, dtype=geo_dtype)
+    for k in range(r.shape[0]):
+        b = float(r[k, 0])
+        zero = feats.new_zeros(channels, ph_n, pw_n)
+        if not math.isfinite(b) or not (-1 < b < n_img) or height == 0 or width == 0:
+            out.append(zero)
+            continue
+        offset = 0.5 if aligned else 0.0
+        x1 = r[k, 1] * scale - offset
+        y1 = r[k, 2] * scale - offset
+        x2 = r[k, 3] * scale - offset
+        y2 = r[k, 4] * scale - offset
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w = torch.clamp(roi_w, min=1.0)
+            roi_h = torch.clamp(roi_h, min=1.0)
+        bin_h, bin_w = roi_h / ph_n, roi_w / pw_n
+        if not all(math.isfinite(float(v)) for v in (x1, y1, bin_h, bin_w)):
+            out.append(zero)
+            continue
+        if sampling_ratio > 0:
+            gh = gw = sampling_ratio
+        else:
+            gh = max(int(math.ceil(float(roi_h / ph_n))), 0)
+            gw = max(int(math.ceil(float(roi_w / pw_n))), 0)
+        count = max(gh * gw, 1)
+        if gh == 0 or gw == 0:
+            out.append(zero)
+            continue
+        ys = _axis_samples(y1, bin_h, ph_n, gh, height)  # [PH, gh]
+        xs = _axis_samples(x1, bin_w, pw_n, gw, width)  # [PW, gw]
+        ylo, yhi, wylo, wyhi, vy = _bilinear_1d(ys, height)
+        xlo, xhi, wxlo, wxhi, vx = _bilinear_1d(xs, width)
+        f = feats[int(b)]  # [C, H, W]
+
+        def gather(yi, xi):  # -> [C, PH, gh, PW, gw]
+            return f[:, yi[:, :, None, None], xi[None, None, :, :]]
+
+        wy = [w.to(torch.float64)[:, :, None, None] for w in (wylo, wyhi)]
+        wx = [w.to(torch.float64)[None, None, :, :] for w in (wxlo, wxhi)]
+        val = (wy[0] * wx[0] * gather(ylo, xlo) + wy[0] * wx[1] * gather(ylo, xhi)
+               + wy[1] * wx[0] * gather(yhi, xlo) + wy[1] * wx[1] * gather(yhi, xhi))
+        valid = (vy[:, :, None, None] & vx[None, None, :, :]).to(torch.float64)
+        val = val * valid
+        out.append(val.sum(dim=(2, 4)) / count)
+    if not out:
+        return input.new_zeros(0, channels, ph_n, pw_n)
+    return torch.stack(out).to(input.dtype)
