@@ -1,0 +1,48 @@
+"""A small RoIAlign workload for compute-sanitizer (memcheck / racecheck / initcheck).
+
+Runs forward, default backward and deterministic backward for every dtype and
+layout on a map with odd sizes, boxes partly and wholly outside, degenerate,
+NaN/inf and huge boxes. Exits non-zero if anything is non-finite.
+"""
+import torch
+
+import instseg_ops
+
+
+def main():
+    torch.manual_seed(0)
+    dev = "cuda"
+    nan, inf = float("nan"), float("inf")
+    rois = torch.tensor([
+        [0, 1.0, 2.0, 20.0, 15.0],
+        [1, -10.0, -10.0, 5.0, 5.0],
+        [1, 30.0, 40.0, 90.0, 80.0],
+        [0, 50.0, 50.0, 40.0, 40.0],   # x2 < x1
+        [0, 3.0, 3.0, 3.0, 3.0],       # empty
+        [1, nan, 0.0, 4.0, 4.0],
+        [0, -inf, -inf, inf, inf],
+        [1, -1e30, -1e30, 1e30, 1e30],
+        [0, 0.0, 0.0, 34.0, 26.0],     # the whole map
+    ], device=dev)
+    bad = 0
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for cl in (False, True):
+            x = torch.randn(2, 19, 13, 17, device=dev, dtype=dtype)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for aligned in (False, True):
+                for det in (False, True):
+                    xg = x.clone().requires_grad_()
+                    out = instseg_ops.roi_align(xg, rois.to(dtype if dtype == torch.float64 else torch.float32),
+                                                (5, 3), 0.5, -1, aligned, deterministic=det)
+                    out.backward(torch.randn_like(out))
+                    torch.cuda.synchronize()
+                    if not (torch.isfinite(out).all() and torch.isfinite(xg.grad).all()):
+                        print("non-finite result", dtype, cl, aligned, det)
+                        bad += 1
+    print("sanitizer case done, problems:", bad)
+    raise SystemExit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
