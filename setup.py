@@ -14,6 +14,7 @@ Environment switches:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -57,6 +58,13 @@ def extensions():
     debug = os.environ.get("INSTSEG_DEBUG", "0") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP in torch's Linux builds and runs serially
+        # unless the caller is compiled with OpenMP too. The libgomp that torch
+        # already loaded is the one used at run time.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     extra = {"cxx": cxx}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
@@ -66,7 +74,7 @@ def extensions():
     else:
         ext_cls = cpp_extension.CppExtension
     print(f"instseg_ops: building {'with CUDA kernels (arch ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if with_cuda else 'CPU-only'}")
-    return [ext_cls("instseg_ops._C", sources, extra_compile_args=extra)]
+    return [ext_cls("instseg_ops._C", sources, extra_compile_args=extra, extra_link_args=link)]
 
 
 setup(

@@ -17,13 +17,14 @@ On CUDA the backward op alone is also timed with ``deterministic=False`` and ``T
 (column ``det/def`` = deterministic / default backward time).
 
 Before timing a config the forward outputs of both ops are compared once (max abs diff,
-tolerance 1e-3 for float32, 5e-2 for half types); a mismatch prints a WARNING but does not
-stop the run. Timing: warmup 1 (CPU) / 5 (CUDA) iterations, then the median of --repeats
-(default 5 on CPU, 20 on CUDA); CUDA uses events and synchronizes.
+tolerance 1e-3 for float32, 5e-2 for half types); a mismatch prints a WARNING, with each
+side's distance to a float64 reference (``ref_diff``), but does not stop the run.
+Timing: warmup 1 (CPU) / 5 (CUDA) iterations, then the median of --repeats (default 5 on
+CPU, 20 on CUDA), in ms; CUDA uses events and synchronizes. speedup = torchvision / ours.
 
 Run (from the repo root, with the extension built in place):
-    PYTHONPATH=. python benchmarks/bench_roi_align.py --quick     # 512 RoIs, float32, ~1-2 min
-    PYTHONPATH=. python benchmarks/bench_roi_align.py             # everything, CPU (+CUDA if present)
+    PYTHONPATH=. python benchmarks/bench_roi_align.py --quick     # 512 RoIs, float32: ~1 min on 2 cores
+    PYTHONPATH=. python benchmarks/bench_roi_align.py             # all configs: ~6 min on 2 cores (+CUDA if present)
     PYTHONPATH=. python benchmarks/bench_roi_align.py --device cuda --rois 2000 --sizes 14
 The table is printed as it goes; all rows plus metadata are written as JSON to --out
 (default benchmarks/out/roi_align_<device>.json).
@@ -155,6 +156,15 @@ def check_agreement(impls, feats, per_level, size):
         return max((ours[k].float() - tv[k].float()).abs().max().item() for k in per_level)
 
 
+def reference_diffs(impls, feats, per_level, size):
+    """On a mismatch: each side's max abs diff to torchvision run in float64 on the same inputs."""
+    with torch.no_grad():
+        ref = run_levels(impls["tv"], {k: x.double() for k, x in feats.items()},
+                         {k: r.double() for k, r in per_level.items()}, size)
+        return {name: max((out[k].double() - ref[k]).abs().max().item() for k in per_level)
+                for name, out in ((n, run_levels(impls[n], feats, per_level, size)) for n in ("ours", "tv"))}
+
+
 def run_device(device, args, rows):
     warmup = 5 if device == "cuda" else 1
     repeats = args.repeats or (20 if device == "cuda" else 5)
@@ -179,13 +189,16 @@ def run_device(device, args, rows):
                 except Exception as e:  # noqa: BLE001  torchvision rejects this dtype/layout: "n/a"
                     tv_ok = False
                     note(f"torchvision n/a for {device}/{dtype_name}: {str(e).splitlines()[0][-90:]}")
+            ref = None
             if diff is not None and not diff <= tol:
-                print(f"WARNING: ours vs torchvision MISMATCH on {tag}: max abs diff {diff:.3g} > {tol:g}", flush=True)
+                ref = reference_diffs(impls, feats, per_level, size)
+                print(f"WARNING: ours vs torchvision MISMATCH on {tag}: max abs diff {diff:.3g} > {tol:g} "
+                      f"(vs float64 reference: ours {ref['ours']:.3g}, torchvision {ref['tv']:.3g})", flush=True)
             for pass_name in args.passes:
-                row = dict(device=device, dtype=dtype_name, layout=layout, num_rois=num_rois,
-                           rois_per_level={str(k): int(r.shape[0]) for k, r in per_level.items()},
-                           output_size=size, sampling_ratio=SAMPLING_RATIO, pass_=pass_name,
-                           repeats=repeats, warmup=warmup, max_abs_diff=diff, tv_ms=None)
+                row = {"device": device, "dtype": dtype_name, "layout": layout, "num_rois": num_rois,
+                       "rois_per_level": {str(k): int(r.shape[0]) for k, r in per_level.items()},
+                       "output_size": size, "sampling_ratio": SAMPLING_RATIO, "pass": pass_name,
+                       "repeats": repeats, "warmup": warmup, "max_abs_diff": diff, "ref_diff": ref, "tv_ms": None}
                 for name, fn in impls.items():
                     if name == "tv" and not tv_ok:
                         continue
@@ -248,7 +261,7 @@ def fmt(v, spec):
 
 def print_row(row):
     cells = [row["device"], row["dtype"], row["layout"], str(row["num_rois"]),
-             f"{row['output_size']}x{row['output_size']}", row["pass_"], fmt(row["ours_ms"], ".2f"),
+             f"{row['output_size']}x{row['output_size']}", row["pass"], fmt(row["ours_ms"], ".2f"),
              fmt(row.get("tv_ms"), ".2f"), fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else ""),
              fmt(row["max_abs_diff"], ".1e"), fmt(row["det_ratio"], ".2f") if "det_ratio" in row else "-"]
     print("  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS)), flush=True)
@@ -283,6 +296,8 @@ def main(argv=None):
     cuda_ok = torch.cuda.is_available() and instseg_ops.cuda_built()
     if args.device == "cuda" and not cuda_ok:
         sys.exit("--device cuda: CUDA is not available or instseg_ops was built without CUDA kernels")
+    if args.device == "all" and not cuda_ok:
+        note("CUDA not available (or instseg_ops built without CUDA kernels): CPU only")
     devices = ["cpu", "cuda"] if args.device in (None, "all") and cuda_ok else (
         ["cpu"] if args.device in (None, "all") else [args.device])
     out = args.out or os.path.join("benchmarks", "out", f"roi_align_{'_'.join(devices)}.json")
@@ -302,8 +317,7 @@ def main(argv=None):
     meta["total_s"] = round(time.perf_counter() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows]},
-                  f, indent=2)
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"# {len(rows)} rows in {meta['total_s']} s, written to {out}", flush=True)
 
 

@@ -80,7 +80,11 @@ C10_HOST_DEVICE inline RoiGeometry<T> roi_geometry(
   }
   const T bin_h = roi_h / static_cast<T>(pooled_h);
   const T bin_w = roi_w / static_cast<T>(pooled_w);
-  if (!is_finite(x1) || !is_finite(y1) || !is_finite(bin_h) || !is_finite(bin_w)) return g;
+  // Any non-finite corner (before or after scaling) makes the RoI empty, also
+  // where clamping the size to 1 would otherwise hide it.
+  if (!is_finite(x1) || !is_finite(y1) || !is_finite(x2) || !is_finite(y2) ||
+      !is_finite(bin_h) || !is_finite(bin_w))
+    return g;
   g.start_h = y1;
   g.start_w = x1;
   g.bin_h = bin_h;

@@ -69,7 +69,7 @@ def roi_align_reference(
             roi_w = torch.clamp(roi_w, min=1.0)
             roi_h = torch.clamp(roi_h, min=1.0)
         bin_h, bin_w = roi_h / ph_n, roi_w / pw_n
-        if not all(math.isfinite(float(v)) for v in (x1, y1, bin_h, bin_w)):
+        if not all(math.isfinite(float(v)) for v in (x1, y1, x2, y2, bin_h, bin_w)):
             out.append(zero)
             continue
         if sampling_ratio > 0:

@@ -55,9 +55,10 @@ def test_half_types_accumulate_in_float(seed, dtype, layout):
     rois = random_rois(30, 2, 20, 24, dtype=torch.float32)
     out = roi_align(x, rois, 7, 1.0, -1, False)
     assert out.dtype == dtype
-    # Reference on the same (rounded) values, in float64: the only error left is
-    # the final rounding to the half type if accumulation happens in float.
-    ref = roi_align_reference(x.double(), rois, (7, 7), 1.0, -1, False)
+    # Reference on the same (rounded) values with the same float32 geometry,
+    # accumulated in float64: the only error left is the final rounding to the
+    # half type, if the kernel accumulates in float.
+    ref = roi_align_reference(x.float(), rois, (7, 7), 1.0, -1, False).double()
     eps = torch.finfo(dtype).eps
     assert ((out.double() - ref).abs() <= eps * ref.abs() + 1e-6).all()
     # Gradient in the same dtype and layout, close to the float64 gradient.

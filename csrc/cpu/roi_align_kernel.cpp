@@ -135,7 +135,7 @@ void check_batch_indices(const T* rois, int64_t num_rois, int64_t batch_size) {
 template <typename scalar_t, typename acc_t>
 void pool_plane(const RoiTables<acc_t>& t, const scalar_t* __restrict__ plane, int64_t W,
                 int64_t PH, int64_t PW, scalar_t* __restrict__ o, acc_t* __restrict__ row) {
-  const acc_t count = t.geom.count;
+  const acc_t count = t.geom.count, inv_count = acc_t(1) / count;
   if (t.separable) {
     const int64_t x0 = t.xs.first, span = t.xs.span();
     for (int64_t ph = 0; ph < PH; ++ph) {
@@ -153,7 +153,7 @@ void pool_plane(const RoiTables<acc_t>& t, const scalar_t* __restrict__ plane, i
         for (auto* x = t.xs.begin(pw); x != t.xs.end(pw); ++x) {
           sum += x->w_lo * row[x->lo - x0] + x->w_hi * row[x->hi - x0];
         }
-        o[ph * PW + pw] = static_cast<scalar_t>(sum / count);
+        o[ph * PW + pw] = static_cast<scalar_t>(sum * inv_count);
       }
     }
     return;
@@ -176,6 +176,20 @@ void pool_plane(const RoiTables<acc_t>& t, const scalar_t* __restrict__ plane, i
   }
 }
 
+// Software prefetch of rows [y0, y1] x columns [x0, x1] of a plane.
+template <typename scalar_t>
+inline void prefetch_region(const scalar_t* plane, int64_t W, int64_t y0, int64_t y1, int64_t x0,
+                            int64_t x1) {
+#if defined(__GNUC__)
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t y = y0; y <= y1; ++y) {
+    const scalar_t* r = plane + y * W;
+    for (int64_t x = x0; x <= x1; x += kLine) __builtin_prefetch(r + x);
+    __builtin_prefetch(r + x1);
+  }
+#endif
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_nchw(const scalar_t* in, const std::vector<RoiTables<acc_t>>& tables,
                   scalar_t* out, int64_t K, int64_t C, int64_t H, int64_t W, int64_t PH,
@@ -188,6 +202,13 @@ void forward_nchw(const scalar_t* in, const std::vector<RoiTables<acc_t>>& table
       const int64_t c = task / kblocks, k0 = (task % kblocks) * kRoiBlock;
       const int64_t k1 = std::min(K, k0 + kRoiBlock);
       for (int64_t k = k0; k < k1; ++k) {
+        // The next RoI's pixels are scattered over a plane that is mostly not
+        // in cache yet: ask for them now, while this RoI is pooled.
+        if (k + 1 < k1 && tables[k + 1].geom.valid) {
+          const RoiTables<acc_t>& nt = tables[k + 1];
+          prefetch_region(in + (nt.geom.batch * C + c) * H * W, W, nt.ys.first, nt.ys.last,
+                          nt.xs.first, nt.xs.last);
+        }
         const RoiTables<acc_t>& t = tables[k];
         scalar_t* o = out + (k * C + c) * PH * PW;
         if (!t.geom.valid) {

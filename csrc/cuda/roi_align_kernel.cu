@@ -335,9 +335,12 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   if (deterministic) {
     const size_t acc_size = grad.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
     const size_t smem = size_t(pooled_height + pooled_width) * kTile * acc_size;
-    TORCH_CHECK(smem <= 48 * 1024,
+    // Dynamic shared memory for the weights, leaving room for the static RoI
+    // list under the default 48 KiB per block.
+    constexpr size_t kMaxSmem = 40 * 1024;
+    TORCH_CHECK(smem <= kMaxSmem,
                 "roi_align: the deterministic CUDA backward supports pooled_height + "
-                "pooled_width up to ", 48 * 1024 / (kTile * acc_size), ", got ",
+                "pooled_width up to ", kMaxSmem / (kTile * acc_size), ", got ",
                 pooled_height + pooled_width);
     at::Tensor gin = at::empty({batch_size, channels, height, width}, grad.options(), fmt);
     const int64_t c_blocks = (channels + kDetChannels - 1) / kDetChannels;
