@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace instseg {
 
 inline void check_roi_align_args(const at::Tensor& input, const at::Tensor& rois,
@@ -43,6 +45,82 @@ inline void check_roi_align_backward_args(const at::Tensor& grad, const at::Tens
               "_roi_align_backward: negative input size");
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0,
               "_roi_align_backward: output_size must be positive");
+}
+
+// One feature-map level as the kernels see it.
+struct Level {
+  int64_t H, W;
+  double scale;
+};
+
+// The CUDA kernels take the levels by value; more than FPN ever needs.
+constexpr int64_t kMaxLevels = 8;
+
+inline void check_levels_tensor(const char* op, const at::Tensor& levels, const at::Tensor& rois) {
+  TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0), op,
+              ": levels must be a Tensor[K] with one level per RoI, got shape ", levels.sizes(),
+              " for ", rois.size(0), " RoIs");
+  TORCH_CHECK(levels.scalar_type() == at::kLong, op, ": levels must be int64, got ",
+              levels.scalar_type());
+  TORCH_CHECK(levels.device() == rois.device(), op, ": levels are on ", levels.device(),
+              " but rois are on ", rois.device());
+}
+
+inline void check_multilevel_args(at::TensorList features, const at::Tensor& rois,
+                                  const at::Tensor& levels, at::ArrayRef<double> scales,
+                                  int64_t pooled_height, int64_t pooled_width) {
+  const int64_t L = static_cast<int64_t>(features.size());
+  TORCH_CHECK(L >= 1 && L <= kMaxLevels, "multilevel_roi_align: expected 1 to ", kMaxLevels,
+              " feature maps, got ", L);
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == L, "multilevel_roi_align: got ", L,
+              " feature maps but ", scales.size(), " spatial_scales");
+  check_roi_align_args(features[0], rois, pooled_height, pooled_width);
+  for (int64_t l = 1; l < L; ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4, "multilevel_roi_align: features[", l, "] must be 4-D, got ",
+                f.dim(), " dimensions");
+    TORCH_CHECK(f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1),
+                "multilevel_roi_align: all levels must agree on N and C; features[0] is ",
+                features[0].sizes(), ", features[", l, "] is ", f.sizes());
+    TORCH_CHECK(f.scalar_type() == features[0].scalar_type(),
+                "multilevel_roi_align: all levels must have one dtype; features[0] is ",
+                features[0].scalar_type(), ", features[", l, "] is ", f.scalar_type());
+    TORCH_CHECK(f.device() == features[0].device(),
+                "multilevel_roi_align: all levels must be on one device; features[0] is on ",
+                features[0].device(), ", features[", l, "] on ", f.device());
+  }
+  check_levels_tensor("multilevel_roi_align", levels, rois);
+}
+
+// The levels in one memory format (channels_last or contiguous): a no-op for
+// levels already in it.
+inline std::vector<at::Tensor> same_layout(at::TensorList features, bool channels_last) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& f : features)
+    out.push_back(f.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                             : at::MemoryFormat::Contiguous));
+  return out;
+}
+
+// level_sizes = (N, C, H0, W0, H1, W1, ...). Returns the levels.
+inline std::vector<Level> check_multilevel_backward_args(
+    const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
+    at::ArrayRef<double> scales, int64_t pooled_height, int64_t pooled_width,
+    at::IntArrayRef level_sizes) {
+  const int64_t L = static_cast<int64_t>(scales.size());
+  TORCH_CHECK(L >= 1 && L <= kMaxLevels && static_cast<int64_t>(level_sizes.size()) == 2 + 2 * L,
+              "_multilevel_roi_align_backward: level_sizes must be (N, C, H0, W0, ...) for ", L,
+              " levels, got ", level_sizes);
+  check_roi_align_backward_args(grad, rois, pooled_height, pooled_width, level_sizes[0],
+                                level_sizes[1], level_sizes[2], level_sizes[3]);
+  check_levels_tensor("_multilevel_roi_align_backward", levels, rois);
+  std::vector<Level> lv;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(level_sizes[2 + 2 * l] >= 0 && level_sizes[3 + 2 * l] >= 0,
+                "_multilevel_roi_align_backward: negative level size");
+    lv.push_back(Level{level_sizes[2 + 2 * l], level_sizes[3 + 2 * l], scales[l]});
+  }
+  return lv;
 }
 
 }  // namespace instseg

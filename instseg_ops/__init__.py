@@ -7,6 +7,7 @@ wrappers, fake kernels (torch.compile / torch.export) and autograd formulas.
 import torch  # noqa: F401  (must be imported before the extension)
 
 from . import _C  # noqa: F401  registers torch.ops.instseg.*
+from .multilevel import MultiScaleRoIAlign, assign_levels, multilevel_roi_align
 from .roi_align import RoIAlign, roi_align
 
 __version__ = "0.1.0"
@@ -17,4 +18,7 @@ def cuda_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("instseg::roi_align", "CUDA")
 
 
-__all__ = ["roi_align", "RoIAlign", "cuda_built", "__version__"]
+__all__ = [
+    "roi_align", "RoIAlign", "multilevel_roi_align", "assign_levels", "MultiScaleRoIAlign", "cuda_built",
+    "__version__",
+]

@@ -75,6 +75,7 @@ struct AxisTable {
 
 template <typename T>
 struct RoiTables {
+  int64_t level = 0;  // feature-map level the RoI pools from
   RoiGeometry<T> geom;
   AxisTable<T> ys, xs;
   bool separable = false;
@@ -94,15 +95,21 @@ struct RoiTables {
 };
 
 // Geometry and sample tables of every RoI, built once (in parallel) and shared
-// read-only by all tasks.
+// read-only by all tasks. RoI k pools from level levels[k] (level 0 when
+// `levels` is null); levels are validated by the caller.
 template <typename acc_t>
-std::vector<RoiTables<acc_t>> build_all_tables(const acc_t* rois, int64_t K, acc_t scale,
+std::vector<RoiTables<acc_t>> build_all_tables(const acc_t* rois, const int64_t* levels,
+                                                int64_t K, const std::vector<Level>& lv,
                                                 int64_t PH, int64_t PW, int64_t sr,
-                                                bool aligned, int64_t N, int64_t H, int64_t W) {
+                                                bool aligned, int64_t N) {
   std::vector<RoiTables<acc_t>> tables(K);
   at::parallel_for(0, K, 16, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k)
-      tables[k].build(rois + k * 5, scale, PH, PW, sr, aligned, N, H, W);
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t l = levels ? levels[k] : 0;
+      tables[k].level = l;
+      tables[k].build(rois + k * 5, static_cast<acc_t>(lv[l].scale), PH, PW, sr, aligned, N,
+                      lv[l].H, lv[l].W);
+    }
   });
   return tables;
 }
@@ -190,14 +197,23 @@ inline void prefetch_region(const scalar_t* plane, int64_t W, int64_t y0, int64_
 #endif
 }
 
+// NCHW forward. Tasks are (channel, block of RoIs) with the channel outermost,
+// so a thread keeps pooling from the same feature planes while they are in
+// cache instead of streaming a new plane for every RoI.
 template <typename scalar_t, typename acc_t>
-void forward_nchw(const scalar_t* in, const std::vector<RoiTables<acc_t>>& tables,
-                  scalar_t* out, int64_t K, int64_t C, int64_t H, int64_t W, int64_t PH,
-                  int64_t PW) {
+void forward_nchw(const std::vector<const scalar_t*>& in, const std::vector<Level>& lv,
+                  const std::vector<RoiTables<acc_t>>& tables, scalar_t* out, int64_t K,
+                  int64_t C, int64_t PH, int64_t PW) {
   constexpr int64_t kRoiBlock = 64;
   const int64_t kblocks = (K + kRoiBlock - 1) / kRoiBlock;
+  int64_t max_w = 0;
+  for (const Level& l : lv) max_w = std::max(max_w, l.W);
   at::parallel_for(0, C * kblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(W);
+    std::vector<acc_t> row(max_w);
+    auto plane_of = [&](const RoiTables<acc_t>& t, int64_t c) {
+      const Level& l = lv[t.level];
+      return in[t.level] + (t.geom.batch * C + c) * l.H * l.W;
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / kblocks, k0 = (task % kblocks) * kRoiBlock;
       const int64_t k1 = std::min(K, k0 + kRoiBlock);
@@ -206,8 +222,8 @@ void forward_nchw(const scalar_t* in, const std::vector<RoiTables<acc_t>>& table
         // in cache yet: ask for them now, while this RoI is pooled.
         if (k + 1 < k1 && tables[k + 1].geom.valid) {
           const RoiTables<acc_t>& nt = tables[k + 1];
-          prefetch_region(in + (nt.geom.batch * C + c) * H * W, W, nt.ys.first, nt.ys.last,
-                          nt.xs.first, nt.xs.last);
+          prefetch_region(plane_of(nt, c), lv[nt.level].W, nt.ys.first, nt.ys.last, nt.xs.first,
+                          nt.xs.last);
         }
         const RoiTables<acc_t>& t = tables[k];
         scalar_t* o = out + (k * C + c) * PH * PW;
@@ -215,16 +231,16 @@ void forward_nchw(const scalar_t* in, const std::vector<RoiTables<acc_t>>& table
           std::fill(o, o + PH * PW, scalar_t(0));
           continue;
         }
-        pool_plane(t, in + (t.geom.batch * C + c) * H * W, W, PH, PW, o, row.data());
+        pool_plane(t, plane_of(t, c), lv[t.level].W, PH, PW, o, row.data());
       }
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_channels_last(const scalar_t* in, const std::vector<RoiTables<acc_t>>& tables,
-                           scalar_t* out, int64_t K, int64_t C, int64_t H, int64_t W,
-                           int64_t PH, int64_t PW) {
+void forward_channels_last(const std::vector<const scalar_t*>& in, const std::vector<Level>& lv,
+                           const std::vector<RoiTables<acc_t>>& tables, scalar_t* out,
+                           int64_t K, int64_t C, int64_t PH, int64_t PW) {
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(C, 1));
   at::parallel_for(0, K * PH * PW, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
@@ -239,7 +255,8 @@ void forward_channels_last(const scalar_t* in, const std::vector<RoiTables<acc_t
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t* __restrict__ a = acc.data();
-      const scalar_t* img = in + t.geom.batch * H * W * C;
+      const int64_t W = lv[t.level].W;
+      const scalar_t* img = in[t.level] + t.geom.batch * lv[t.level].H * W * C;
       for (auto* y = t.ys.begin(ph); y != t.ys.end(ph); ++y) {
         for (auto* x = t.xs.begin(pw); x != t.xs.end(pw); ++x) {
           const acc_t w1 = y->w_lo * x->w_lo, w2 = y->w_lo * x->w_hi;
@@ -260,38 +277,80 @@ void forward_channels_last(const scalar_t* in, const std::vector<RoiTables<acc_t
   });
 }
 
-at::Tensor roi_align_forward_cpu(const at::Tensor& input_, const at::Tensor& rois_,
-                                 double spatial_scale, int64_t pooled_height,
-                                 int64_t pooled_width, int64_t sampling_ratio, bool aligned,
-                                 bool /*deterministic*/) {
-  check_roi_align_args(input_, rois_, pooled_height, pooled_width);
-  TORCH_CHECK(input_.device().is_cpu(), "roi_align: CPU kernel got a ", input_.device(), " input");
-  const bool cl = use_channels_last(input_);
-  // A no-op for the usual NCHW-contiguous or channels_last input.
-  const at::Tensor input = cl ? input_ : input_.contiguous();
-  const at::Tensor rois = rois_.to(acc_dtype(input.scalar_type())).contiguous();
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t K = rois.size(0);
+// Shared by roi_align (one level) and multilevel_roi_align. `feats` all have
+// the layout given by `cl` and are contiguous in it; `rois` are in acc dtype;
+// `levels` (int64, validated) may be undefined for one level.
+at::Tensor forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
+                        const at::Tensor& levels, const std::vector<Level>& lv,
+                        int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                        bool aligned, bool cl) {
+  const at::Tensor& f0 = feats[0];
+  const int64_t N = f0.size(0), C = f0.size(1), K = rois.size(0);
   at::Tensor out = at::empty({K, C, pooled_height, pooled_width},
-                             input.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                              : at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                             f0.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* r = rois.data_ptr<acc_t>();
     check_batch_indices(r, K, N);
     if (out.numel() == 0) return;
-    const auto tables = build_all_tables(r, K, static_cast<acc_t>(spatial_scale), pooled_height,
-                                         pooled_width, sampling_ratio, aligned, N, H, W);
+    const auto tables = build_all_tables(r, levels.defined() ? levels.data_ptr<int64_t>() : nullptr,
+                                         K, lv, pooled_height, pooled_width, sampling_ratio,
+                                         aligned, N);
+    std::vector<const scalar_t*> in;
+    for (const at::Tensor& f : feats) in.push_back(f.data_ptr<scalar_t>());
     if (cl) {
-      forward_channels_last(input.data_ptr<scalar_t>(), tables, out.data_ptr<scalar_t>(), K, C,
-                            H, W, pooled_height, pooled_width);
+      forward_channels_last(in, lv, tables, out.data_ptr<scalar_t>(), K, C, pooled_height,
+                            pooled_width);
     } else {
-      forward_nchw(input.data_ptr<scalar_t>(), tables, out.data_ptr<scalar_t>(), K, C, H, W,
-                   pooled_height, pooled_width);
+      forward_nchw(in, lv, tables, out.data_ptr<scalar_t>(), K, C, pooled_height, pooled_width);
     }
   });
   return out;
+}
+
+at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
+                                 double spatial_scale, int64_t pooled_height,
+                                 int64_t pooled_width, int64_t sampling_ratio, bool aligned,
+                                 bool /*deterministic*/) {
+  check_roi_align_args(input, rois, pooled_height, pooled_width);
+  TORCH_CHECK(input.device().is_cpu(), "roi_align: CPU kernel got a ", input.device(), " input");
+  const bool cl = use_channels_last(input);
+  // A no-op for the usual NCHW-contiguous or channels_last input.
+  const at::Tensor feat = cl ? input : input.contiguous();
+  return forward_impl({feat}, rois.to(acc_dtype(input.scalar_type())).contiguous(), at::Tensor(),
+                      {Level{feat.size(2), feat.size(3), spatial_scale}}, pooled_height,
+                      pooled_width, sampling_ratio, aligned, cl);
+}
+
+// Raises unless every level index is in [0, num_levels).
+void check_levels(const at::Tensor& levels, int64_t num_levels) {
+  const int64_t* l = levels.data_ptr<int64_t>();
+  for (int64_t k = 0; k < levels.numel(); ++k) {
+    TORCH_CHECK(l[k] >= 0 && l[k] < num_levels, "multilevel_roi_align: levels[", k, "] = ", l[k],
+                " is not a valid level index for ", num_levels, " feature maps");
+  }
+}
+
+at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::Tensor& rois,
+                                            const at::Tensor& levels_,
+                                            at::ArrayRef<double> spatial_scales,
+                                            int64_t pooled_height, int64_t pooled_width,
+                                            int64_t sampling_ratio, bool aligned,
+                                            bool /*deterministic*/) {
+  check_multilevel_args(features, rois, levels_, spatial_scales, pooled_height, pooled_width);
+  TORCH_CHECK(features[0].device().is_cpu(), "multilevel_roi_align: CPU kernel got a ",
+              features[0].device(), " input");
+  const bool cl = use_channels_last(features[0]);
+  const std::vector<at::Tensor> feats = same_layout(features, cl);
+  const at::Tensor levels = levels_.contiguous();
+  check_levels(levels, static_cast<int64_t>(features.size()));
+  std::vector<Level> lv;
+  for (size_t i = 0; i < feats.size(); ++i)
+    lv.push_back(Level{feats[i].size(2), feats[i].size(3), spatial_scales[i]});
+  return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(), levels, lv,
+                      pooled_height, pooled_width, sampling_ratio, aligned, cl);
 }
 
 // ---------------------------------------------------------------------------
@@ -355,21 +414,36 @@ void scatter_plane(const RoiTables<acc_t>& t, const GradView<scalar_t>& g, int64
   }
 }
 
+// Input-gradient planes per level.
+template <typename scalar_t>
+struct GradInputs {
+  std::vector<scalar_t*> data;  // one per level
+  int64_t N, C;
+};
+
+// NCHW: a task owns one (level, image, channel) plane.
 template <typename scalar_t, typename acc_t>
 void backward_nchw(const GradView<scalar_t>& g, const std::vector<RoiTables<acc_t>>& tables,
-                   const std::vector<std::vector<int64_t>>& per_image, scalar_t* gin, int64_t N,
-                   int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW) {
+                   const std::vector<std::vector<int64_t>>& per_image, const GradInputs<scalar_t>& gin,
+                   const std::vector<Level>& lv, int64_t PH, int64_t PW) {
   constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
-  const int64_t HW = H * W;
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kDirect ? 0 : HW);
-    std::vector<acc_t> col(W);
+  const int64_t N = gin.N, C = gin.C, L = static_cast<int64_t>(lv.size());
+  int64_t max_hw = 0, max_w = 0;
+  for (const Level& l : lv) {
+    max_hw = std::max(max_hw, l.H * l.W);
+    max_w = std::max(max_w, l.W);
+  }
+  at::parallel_for(0, L * N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kDirect ? 0 : max_hw);
+    std::vector<acc_t> col(max_w);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / C, c = task % C;
-      scalar_t* dst = gin + task * HW;
+      const int64_t l = task / (N * C), n = (task / C) % N, c = task % C;
+      const int64_t HW = lv[l].H * lv[l].W;
+      scalar_t* dst = gin.data[l] + (n * C + c) * HW;
       acc_t* acc = kDirect ? reinterpret_cast<acc_t*>(dst) : scratch.data();
       std::fill(acc, acc + HW, acc_t(0));
-      for (int64_t k : per_image[n]) scatter_plane(tables[k], g, k, c, W, PH, PW, acc, col.data());
+      for (int64_t k : per_image[l * N + n])
+        scatter_plane(tables[k], g, k, c, lv[l].W, PH, PW, acc, col.data());
       if (!kDirect) {
         for (int64_t i = 0; i < HW; ++i) dst[i] = static_cast<scalar_t>(scratch[i]);
       }
@@ -382,22 +456,35 @@ void backward_nchw(const GradView<scalar_t>& g, const std::vector<RoiTables<acc_
 template <typename scalar_t, typename acc_t>
 void backward_channels_last(const GradView<scalar_t>& g,
                             const std::vector<RoiTables<acc_t>>& tables,
-                            const std::vector<std::vector<int64_t>>& per_image, scalar_t* gin,
-                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW) {
+                            const std::vector<std::vector<int64_t>>& per_image,
+                            const GradInputs<scalar_t>& gin, const std::vector<Level>& lv,
+                            int64_t PH, int64_t PW) {
   constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
   constexpr int64_t kBand = 8;
-  const int64_t bands = (H + kBand - 1) / kBand;
-  at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kDirect ? 0 : kBand * W * C);
+  const int64_t N = gin.N, C = gin.C;
+  // Tasks: (level, image, first row of the band).
+  struct Task {
+    int64_t l, n, y0;
+  };
+  std::vector<Task> tasks;
+  int64_t max_w = 0;
+  for (int64_t l = 0; l < static_cast<int64_t>(lv.size()); ++l) {
+    max_w = std::max(max_w, lv[l].W);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t y0 = 0; y0 < lv[l].H; y0 += kBand) tasks.push_back(Task{l, n, y0});
+  }
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kDirect ? 0 : kBand * max_w * C);
     std::vector<acc_t> gbin(C);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / bands, y0 = (task % bands) * kBand;
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const int64_t l = tasks[ti].l, n = tasks[ti].n, y0 = tasks[ti].y0;
+      const int64_t H = lv[l].H, W = lv[l].W;
       const int64_t y1 = std::min(H, y0 + kBand);
-      scalar_t* dst = gin + (n * H + y0) * W * C;  // rows [y0, y1) of image n
+      scalar_t* dst = gin.data[l] + (n * H + y0) * W * C;  // rows [y0, y1) of image n
       // acc[((y - y0) * W + x) * C + c]
       acc_t* acc = kDirect ? reinterpret_cast<acc_t*>(dst) : scratch.data();
       std::fill(acc, acc + (y1 - y0) * W * C, acc_t(0));
-      for (int64_t k : per_image[n]) {
+      for (int64_t k : per_image[l * N + n]) {
         const RoiTables<acc_t>& t = tables[k];
         if (t.ys.last < y0 || t.ys.first >= y1) continue;
         const acc_t count = t.geom.count;
@@ -443,46 +530,74 @@ void backward_channels_last(const GradView<scalar_t>& g,
   });
 }
 
-at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_,
-                                  double spatial_scale, int64_t pooled_height,
-                                  int64_t pooled_width, int64_t batch_size, int64_t channels,
-                                  int64_t height, int64_t width, int64_t sampling_ratio,
-                                  bool aligned, bool channels_last, bool /*deterministic*/) {
-  check_roi_align_backward_args(grad, rois_, pooled_height, pooled_width, batch_size, channels,
-                                height, width);
-  TORCH_CHECK(grad.device().is_cpu(), "_roi_align_backward: CPU kernel got a ", grad.device(),
-              " grad");
-  const at::Tensor rois = rois_.to(acc_dtype(grad.scalar_type())).contiguous();
+// Shared by both backward ops: one input gradient per level (sizes[l] = (H, W)).
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& rois,
+                                      const at::Tensor& levels, const std::vector<Level>& lv,
+                                      int64_t N, int64_t C, int64_t pooled_height,
+                                      int64_t pooled_width, int64_t sampling_ratio, bool aligned,
+                                      bool channels_last) {
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const int64_t K = rois.size(0);
-  at::Tensor gin = at::empty({batch_size, channels, height, width}, grad.options().memory_format(fmt));
+  std::vector<at::Tensor> gins;
+  for (const Level& l : lv) gins.push_back(at::empty({N, C, l.H, l.W}, grad.options().memory_format(fmt)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "roi_align_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* r = rois.data_ptr<acc_t>();
-    check_batch_indices(r, K, batch_size);
-    if (gin.numel() == 0) return;
-    if (K == 0) {
-      gin.zero_();
+    check_batch_indices(r, K, N);
+    if (K == 0 || C == 0 || N == 0) {
+      for (at::Tensor& t : gins) t.zero_();
       return;
     }
-    const auto tables = build_all_tables(r, K, static_cast<acc_t>(spatial_scale), pooled_height,
-                                         pooled_width, sampling_ratio, aligned, batch_size,
-                                         height, width);
-    std::vector<std::vector<int64_t>> per_image(batch_size);  // RoIs per image, in index order
+    const auto tables = build_all_tables(r, levels.defined() ? levels.data_ptr<int64_t>() : nullptr,
+                                         K, lv, pooled_height, pooled_width, sampling_ratio,
+                                         aligned, N);
+    // RoIs per (level, image), in index order.
+    std::vector<std::vector<int64_t>> per_image(lv.size() * N);
     for (int64_t k = 0; k < K; ++k)
-      if (tables[k].geom.valid) per_image[tables[k].geom.batch].push_back(k);
+      if (tables[k].geom.valid) per_image[tables[k].level * N + tables[k].geom.batch].push_back(k);
     const GradView<scalar_t> g{grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
                                grad.stride(2), grad.stride(3)};
+    GradInputs<scalar_t> gi{{}, N, C};
+    for (at::Tensor& t : gins) gi.data.push_back(t.data_ptr<scalar_t>());
     if (channels_last) {
-      backward_channels_last(g, tables, per_image, gin.data_ptr<scalar_t>(), batch_size,
-                             channels, height, width, pooled_height, pooled_width);
+      backward_channels_last(g, tables, per_image, gi, lv, pooled_height, pooled_width);
     } else {
-      backward_nchw(g, tables, per_image, gin.data_ptr<scalar_t>(), batch_size, channels, height,
-                    width, pooled_height, pooled_width);
+      backward_nchw(g, tables, per_image, gi, lv, pooled_height, pooled_width);
     }
   });
-  return gin;
+  return gins;
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                  double spatial_scale, int64_t pooled_height,
+                                  int64_t pooled_width, int64_t batch_size, int64_t channels,
+                                  int64_t height, int64_t width, int64_t sampling_ratio,
+                                  bool aligned, bool channels_last, bool /*deterministic*/) {
+  check_roi_align_backward_args(grad, rois, pooled_height, pooled_width, batch_size, channels,
+                                height, width);
+  TORCH_CHECK(grad.device().is_cpu(), "_roi_align_backward: CPU kernel got a ", grad.device(),
+              " grad");
+  return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(), at::Tensor(),
+                       {Level{height, width, spatial_scale}}, batch_size, channels,
+                       pooled_height, pooled_width, sampling_ratio, aligned, channels_last)[0];
+}
+
+std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels_,
+    at::ArrayRef<double> spatial_scales, int64_t pooled_height, int64_t pooled_width,
+    at::IntArrayRef level_sizes, int64_t sampling_ratio, bool aligned, bool channels_last,
+    bool /*deterministic*/) {
+  const std::vector<Level> lv =
+      check_multilevel_backward_args(grad, rois, levels_, spatial_scales, pooled_height,
+                                     pooled_width, level_sizes);
+  TORCH_CHECK(grad.device().is_cpu(), "_multilevel_roi_align_backward: CPU kernel got a ",
+              grad.device(), " grad");
+  const at::Tensor levels = levels_.contiguous();
+  check_levels(levels, static_cast<int64_t>(lv.size()));
+  return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(), levels, lv,
+                       level_sizes[0], level_sizes[1], pooled_height, pooled_width,
+                       sampling_ratio, aligned, channels_last);
 }
 
 }  // namespace
@@ -490,6 +605,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
 TORCH_LIBRARY_IMPL(instseg, CPU, m) {
   m.impl("roi_align", TORCH_FN(roi_align_forward_cpu));
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cpu));
+  m.impl("multilevel_roi_align", TORCH_FN(multilevel_roi_align_forward_cpu));
+  m.impl("_multilevel_roi_align_backward", TORCH_FN(multilevel_roi_align_backward_cpu));
 }
 
 }  // namespace instseg

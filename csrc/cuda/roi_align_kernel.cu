@@ -1,4 +1,6 @@
-// RoIAlign forward and backward on CUDA.
+// RoIAlign forward and backward on CUDA, single- and multi-level (FPN): each
+// RoI pools from the level levels[k] (level 0 for single-level roi_align), so
+// all levels are served by one launch.
 //
 // All kernels run on the input's device (OptionalCUDAGuard) and the current
 // stream, use grid-stride loops with int64 indices, accumulate half/bfloat16
@@ -66,6 +68,45 @@ void check_batch_indices(const at::Tensor& rois, int64_t batch_size) {
               "], not all valid for an input with batch size ", batch_size);
 }
 
+// Up to kMaxLevels feature-map levels, passed to the kernels by value.
+template <typename ptr_t>
+struct LevelPack {
+  ptr_t data[kMaxLevels];
+  int64_t H[kMaxLevels];
+  int64_t W[kMaxLevels];
+  double scale[kMaxLevels];
+  int64_t tiles_x[kMaxLevels];         // deterministic backward: tiles per row
+  int64_t tile_start[kMaxLevels + 1];  // deterministic backward: first tile of each level
+  int64_t L;
+};
+
+template <typename ptr_t>
+LevelPack<ptr_t> make_pack(const std::vector<Level>& lv, const std::vector<ptr_t>& data,
+                           int64_t tile) {
+  LevelPack<ptr_t> p{};
+  p.L = static_cast<int64_t>(lv.size());
+  p.tile_start[0] = 0;
+  for (int64_t l = 0; l < p.L; ++l) {
+    p.data[l] = data[l];
+    p.H[l] = lv[l].H;
+    p.W[l] = lv[l].W;
+    p.scale[l] = lv[l].scale;
+    p.tiles_x[l] = (lv[l].W + tile - 1) / tile;
+    p.tile_start[l + 1] = p.tile_start[l] + p.tiles_x[l] * ((lv[l].H + tile - 1) / tile);
+  }
+  return p;
+}
+
+// Level of RoI k, or -1 when the index is invalid or the level is empty (the
+// RoI then gives zeros).
+template <typename ptr_t>
+__device__ __forceinline__ int64_t roi_level(const int64_t* levels, int64_t k,
+                                             const LevelPack<ptr_t>& lv) {
+  const int64_t l = levels ? levels[k] : 0;
+  if (l < 0 || l >= lv.L || lv.H[l] == 0 || lv.W[l] == 0) return -1;
+  return l;
+}
+
 // Decodes a linear output index into (k, c, ph, pw) for the layout in use.
 template <bool CL>
 __device__ __forceinline__ void decode(int64_t idx, int64_t C, int64_t PH, int64_t PW,
@@ -88,54 +129,68 @@ __device__ __forceinline__ void decode(int64_t idx, int64_t C, int64_t PH, int64
 }
 
 template <typename scalar_t, typename acc_t, bool CL>
-__global__ void forward_kernel(int64_t total, const scalar_t* __restrict__ in,
-                               const acc_t* __restrict__ rois, scalar_t* __restrict__ out,
-                               int64_t N, int64_t C, int64_t H, int64_t W, int64_t PH,
-                               int64_t PW, acc_t scale, int64_t sr, bool aligned) {
+__global__ void forward_kernel(int64_t total, LevelPack<const scalar_t*> lv,
+                               const int64_t* __restrict__ levels, const acc_t* __restrict__ rois,
+                               scalar_t* __restrict__ out, int64_t N, int64_t C, int64_t PH,
+                               int64_t PW, int64_t sr, bool aligned) {
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
     int64_t k, c, ph, pw;
     decode<CL>(idx, C, PH, PW, &k, &c, &ph, &pw);
-    const RoiGeometry<acc_t> g = roi_geometry(rois + k * 5, scale, PH, PW, sr, aligned, N);
+    const int64_t l = roi_level(levels, k, lv);
     acc_t sum = 0;
-    if (g.valid) {
-      // Element (y, x) of this channel is at plane[(y * W + x) * ps].
-      const scalar_t* plane = CL ? in + g.batch * H * W * C + c : in + (g.batch * C + c) * H * W;
-      const int64_t ps = CL ? C : 1;
-      int64_t ylo, yhi, xlo, xhi;
-      sample_range(g.start_h, g.bin_h, ph, g.grid_h, H, &ylo, &yhi);
-      sample_range(g.start_w, g.bin_w, pw, g.grid_w, W, &xlo, &xhi);
-      for (int64_t iy = ylo; iy < yhi; ++iy) {
-        AxisSample<acc_t> y;
-        if (!axis_sample(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H, &y)) continue;
-        for (int64_t ix = xlo; ix < xhi; ++ix) {
-          AxisSample<acc_t> x;
-          if (!axis_sample(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W, &x)) continue;
-          sum += y.w_lo * x.w_lo * static_cast<acc_t>(plane[(y.lo * W + x.lo) * ps]) +
-              y.w_lo * x.w_hi * static_cast<acc_t>(plane[(y.lo * W + x.hi) * ps]) +
-              y.w_hi * x.w_lo * static_cast<acc_t>(plane[(y.hi * W + x.lo) * ps]) +
-              y.w_hi * x.w_hi * static_cast<acc_t>(plane[(y.hi * W + x.hi) * ps]);
+    acc_t count = 1;
+    if (l >= 0) {
+      const int64_t H = lv.H[l], W = lv.W[l];
+      const RoiGeometry<acc_t> g = roi_geometry(rois + k * 5, static_cast<acc_t>(lv.scale[l]), PH,
+                                                PW, sr, aligned, N);
+      count = g.count;
+      if (g.valid) {
+        // Element (y, x) of this channel is at plane[(y * W + x) * ps].
+        const scalar_t* plane =
+            CL ? lv.data[l] + g.batch * H * W * C + c : lv.data[l] + (g.batch * C + c) * H * W;
+        const int64_t ps = CL ? C : 1;
+        int64_t ylo, yhi, xlo, xhi;
+        sample_range(g.start_h, g.bin_h, ph, g.grid_h, H, &ylo, &yhi);
+        sample_range(g.start_w, g.bin_w, pw, g.grid_w, W, &xlo, &xhi);
+        for (int64_t iy = ylo; iy < yhi; ++iy) {
+          AxisSample<acc_t> y;
+          if (!axis_sample(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H, &y)) continue;
+          for (int64_t ix = xlo; ix < xhi; ++ix) {
+            AxisSample<acc_t> x;
+            if (!axis_sample(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W, &x)) continue;
+            sum += y.w_lo * x.w_lo * static_cast<acc_t>(plane[(y.lo * W + x.lo) * ps]) +
+                y.w_lo * x.w_hi * static_cast<acc_t>(plane[(y.lo * W + x.hi) * ps]) +
+                y.w_hi * x.w_lo * static_cast<acc_t>(plane[(y.hi * W + x.lo) * ps]) +
+                y.w_hi * x.w_hi * static_cast<acc_t>(plane[(y.hi * W + x.hi) * ps]);
+          }
         }
       }
     }
-    out[idx] = static_cast<scalar_t>(sum / g.count);
+    out[idx] = static_cast<scalar_t>(sum / count);
   }
 }
 
 template <typename scalar_t, typename acc_t, bool CL>
 __global__ void backward_atomic_kernel(int64_t total, const scalar_t* __restrict__ grad,
                                        int64_t gs0, int64_t gs1, int64_t gs2, int64_t gs3,
-                                       const acc_t* __restrict__ rois, acc_t* __restrict__ gin,
-                                       int64_t N, int64_t C, int64_t H, int64_t W, int64_t PH,
-                                       int64_t PW, acc_t scale, int64_t sr, bool aligned) {
+                                       const int64_t* __restrict__ levels,
+                                       const acc_t* __restrict__ rois, LevelPack<acc_t*> lv,
+                                       int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
+                                       bool aligned) {
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
     int64_t k, c, ph, pw;
     decode<CL>(idx, C, PH, PW, &k, &c, &ph, &pw);
-    const RoiGeometry<acc_t> g = roi_geometry(rois + k * 5, scale, PH, PW, sr, aligned, N);
+    const int64_t l = roi_level(levels, k, lv);
+    if (l < 0) continue;
+    const int64_t H = lv.H[l], W = lv.W[l];
+    const RoiGeometry<acc_t> g =
+        roi_geometry(rois + k * 5, static_cast<acc_t>(lv.scale[l]), PH, PW, sr, aligned, N);
     if (!g.valid) continue;
     const acc_t gv = static_cast<acc_t>(grad[k * gs0 + c * gs1 + ph * gs2 + pw * gs3]);
-    acc_t* plane = CL ? gin + g.batch * H * W * C + c : gin + (g.batch * C + c) * H * W;
+    acc_t* plane =
+        CL ? lv.data[l] + g.batch * H * W * C + c : lv.data[l] + (g.batch * C + c) * H * W;
     const int64_t ps = CL ? C : 1;
     int64_t ylo, yhi, xlo, xhi;
     sample_range(g.start_h, g.bin_h, ph, g.grid_h, H, &ylo, &yhi);
@@ -160,12 +215,14 @@ constexpr int kDetChannels = 8;     // channels per block
 constexpr int kDetThreads = kTile * kTile;
 static_assert(kDetThreads == 256, "the RoI list holds one entry per thread");
 
+// Grid: x enumerates the 16x16 tiles of all levels (LevelPack::tile_start),
+// z the (image, channel block) pairs.
 template <typename scalar_t, typename acc_t, bool CL>
 __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
     const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1, int64_t gs2, int64_t gs3,
-    const acc_t* __restrict__ rois, int64_t K, scalar_t* __restrict__ gin, int64_t N, int64_t C,
-    int64_t H, int64_t W, int64_t PH, int64_t PW, acc_t scale, int64_t sr, bool aligned,
-    int64_t c_blocks) {
+    const int64_t* __restrict__ levels, const acc_t* __restrict__ rois, int64_t K,
+    LevelPack<scalar_t*> lv, int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
+    bool aligned, int64_t c_blocks) {
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* wy = reinterpret_cast<acc_t*>(smem);  // [PH][kTile] row weights of one RoI
   acc_t* wx = wy + PH * kTile;                 // [PW][kTile] column weights
@@ -175,7 +232,13 @@ __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
 
   const int tid = threadIdx.y * kTile + threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int64_t y0 = int64_t(blockIdx.y) * kTile, x0 = int64_t(blockIdx.x) * kTile;
+  int64_t lvl = 0;
+  while (lvl + 1 < lv.L && int64_t(blockIdx.x) >= lv.tile_start[lvl + 1]) ++lvl;
+  const int64_t tile = int64_t(blockIdx.x) - lv.tile_start[lvl];
+  const int64_t H = lv.H[lvl], W = lv.W[lvl];
+  const acc_t scale = static_cast<acc_t>(lv.scale[lvl]);
+  scalar_t* __restrict__ gin = lv.data[lvl];
+  const int64_t y0 = (tile / lv.tiles_x[lvl]) * kTile, x0 = (tile % lv.tiles_x[lvl]) * kTile;
   const int64_t y = y0 + threadIdx.y, x = x0 + threadIdx.x;
   const bool inside = y < H && x < W;
 
@@ -189,7 +252,7 @@ __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
       // 1. Which of these RoIs touch this tile? Compact them in index order.
       const int64_t k = base + tid;
       bool hit = false;
-      if (k < K) {
+      if (k < K && (levels ? levels[k] : 0) == lvl) {
         const RoiGeometry<acc_t> g = roi_geometry(rois + k * 5, scale, PH, PW, sr, aligned, N);
         if (g.valid && g.batch == n) {
           int64_t r0, r1, q0, q1;
@@ -275,41 +338,140 @@ __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
   }
 }
 
-at::Tensor roi_align_forward_cuda(const at::Tensor& input_, const at::Tensor& rois_,
-                                  double spatial_scale, int64_t pooled_height,
-                                  int64_t pooled_width, int64_t sampling_ratio, bool aligned,
-                                  bool /*deterministic*/) {
-  check_roi_align_args(input_, rois_, pooled_height, pooled_width);
-  TORCH_CHECK(input_.is_cuda(), "roi_align: CUDA kernel got a ", input_.device(), " input");
-  c10::cuda::OptionalCUDAGuard guard(input_.device());
-  const bool cl = use_channels_last(input_);
-  const at::Tensor input = cl ? input_ : input_.contiguous();
-  const at::Tensor rois = rois_.to(acc_dtype(input.scalar_type())).contiguous();
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t K = rois.size(0);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  check_batch_indices(rois, N);
-  if (H == 0 || W == 0) return at::zeros({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
-  at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options(), fmt);
+// Shared by roi_align and multilevel_roi_align. `feats` share one layout and
+// are contiguous in it; `rois` are in acc dtype; `levels` may be undefined.
+at::Tensor forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
+                        const at::Tensor& levels, const std::vector<Level>& lv,
+                        int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                        bool aligned, bool cl) {
+  const at::Tensor& f0 = feats[0];
+  const int64_t N = f0.size(0), C = f0.size(1), K = rois.size(0);
+  at::Tensor out = at::empty({K, C, pooled_height, pooled_width},
+                             f0.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
   const int64_t total = out.numel();
   if (total == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+  const int64_t* lv_ptr = levels.defined() ? levels.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(spatial_scale);
+    std::vector<const scalar_t*> data;
+    for (const at::Tensor& f : feats) data.push_back(f.data_ptr<scalar_t>());
+    const LevelPack<const scalar_t*> pack = make_pack(lv, data, kTile);
     if (cl) {
       forward_kernel<scalar_t, acc_t, true><<<num_blocks(total), kThreads, 0, stream>>>(
-          total, input.data_ptr<scalar_t>(), rois.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
-          N, C, H, W, pooled_height, pooled_width, scale, sampling_ratio, aligned);
+          total, pack, lv_ptr, rois.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), N, C,
+          pooled_height, pooled_width, sampling_ratio, aligned);
     } else {
       forward_kernel<scalar_t, acc_t, false><<<num_blocks(total), kThreads, 0, stream>>>(
-          total, input.data_ptr<scalar_t>(), rois.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
-          N, C, H, W, pooled_height, pooled_width, scale, sampling_ratio, aligned);
+          total, pack, lv_ptr, rois.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), N, C,
+          pooled_height, pooled_width, sampling_ratio, aligned);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+// Shared by both backward ops: one input gradient per level.
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& rois,
+                                      const at::Tensor& levels, const std::vector<Level>& lv,
+                                      int64_t N, int64_t C, int64_t pooled_height,
+                                      int64_t pooled_width, int64_t sampling_ratio, bool aligned,
+                                      bool channels_last, bool deterministic) {
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const int64_t K = rois.size(0);
+  std::vector<at::Tensor> gins;
+  if (K == 0 || N == 0 || C == 0) {
+    for (const Level& l : lv) gins.push_back(at::zeros({N, C, l.H, l.W}, grad.options().memory_format(fmt)));
+    return gins;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1), gs2 = grad.stride(2),
+                gs3 = grad.stride(3);
+  const int64_t* lv_ptr = levels.defined() ? levels.data_ptr<int64_t>() : nullptr;
+
+  if (deterministic) {
+    const size_t acc_size = grad.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+    const size_t smem = size_t(pooled_height + pooled_width) * kTile * acc_size;
+    // Dynamic shared memory for the weights, leaving room for the static RoI
+    // list under the default 48 KiB per block.
+    constexpr size_t kMaxSmem = 40 * 1024;
+    TORCH_CHECK(smem <= kMaxSmem,
+                "roi_align: the deterministic CUDA backward supports pooled_height + "
+                "pooled_width up to ", kMaxSmem / (kTile * acc_size), ", got ",
+                pooled_height + pooled_width);
+    for (const Level& l : lv) gins.push_back(at::empty({N, C, l.H, l.W}, grad.options().memory_format(fmt)));
+    const int64_t c_blocks = (C + kDetChannels - 1) / kDetChannels;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                    "roi_align_backward_deterministic_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<scalar_t*> data;
+      for (at::Tensor& t : gins) data.push_back(t.data_ptr<scalar_t>());
+      const LevelPack<scalar_t*> pack = make_pack(lv, data, kTile);
+      const int64_t tiles = pack.tile_start[pack.L];
+      if (tiles == 0) return;
+      TORCH_CHECK(tiles < (int64_t(1) << 31), "roi_align: feature maps too large for the "
+                  "deterministic CUDA backward");
+      const dim3 block(kTile, kTile);
+      const dim3 blocks(static_cast<unsigned int>(tiles), 1,
+                        static_cast<unsigned int>(std::min<int64_t>(N * c_blocks, 65535)));
+      if (channels_last) {
+        backward_deterministic_kernel<scalar_t, acc_t, true><<<blocks, block, smem, stream>>>(
+            grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(), K,
+            pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned, c_blocks);
+      } else {
+        backward_deterministic_kernel<scalar_t, acc_t, false><<<blocks, block, smem, stream>>>(
+            grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(), K,
+            pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned, c_blocks);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return gins;
+  }
+
+  at::globalContext().alertNotDeterministic(
+      "instseg roi_align backward on CUDA with deterministic=False");
+  // Accumulate in float (double for double) and convert at the end.
+  const at::ScalarType acc_type = acc_dtype(grad.scalar_type());
+  std::vector<at::Tensor> bufs;
+  for (const Level& l : lv)
+    bufs.push_back(at::zeros({N, C, l.H, l.W}, grad.options().dtype(acc_type).memory_format(fmt)));
+  const int64_t total = grad.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "roi_align_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t*> data;
+    for (at::Tensor& t : bufs) data.push_back(t.data_ptr<acc_t>());
+    const LevelPack<acc_t*> pack = make_pack(lv, data, kTile);
+    if (channels_last) {
+      backward_atomic_kernel<scalar_t, acc_t, true><<<num_blocks(total), kThreads, 0, stream>>>(
+          total, grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(),
+          pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned);
+    } else {
+      backward_atomic_kernel<scalar_t, acc_t, false><<<num_blocks(total), kThreads, 0, stream>>>(
+          total, grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(),
+          pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for (at::Tensor& b : bufs) gins.push_back(acc_type == grad.scalar_type() ? b : b.to(grad.scalar_type()));
+  return gins;
+}
+
+at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois_,
+                                  double spatial_scale, int64_t pooled_height,
+                                  int64_t pooled_width, int64_t sampling_ratio, bool aligned,
+                                  bool /*deterministic*/) {
+  check_roi_align_args(input, rois_, pooled_height, pooled_width);
+  TORCH_CHECK(input.is_cuda(), "roi_align: CUDA kernel got a ", input.device(), " input");
+  c10::cuda::OptionalCUDAGuard guard(input.device());
+  const bool cl = use_channels_last(input);
+  const at::Tensor feat = cl ? input : input.contiguous();
+  const at::Tensor rois = rois_.to(acc_dtype(input.scalar_type())).contiguous();
+  check_batch_indices(rois, feat.size(0));
+  return forward_impl({feat}, rois, at::Tensor(), {Level{feat.size(2), feat.size(3), spatial_scale}},
+                      pooled_height, pooled_width, sampling_ratio, aligned, cl);
 }
 
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois_,
@@ -322,78 +484,48 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   TORCH_CHECK(grad.is_cuda(), "_roi_align_backward: CUDA kernel got a ", grad.device(), " grad");
   c10::cuda::OptionalCUDAGuard guard(grad.device());
   const at::Tensor rois = rois_.to(acc_dtype(grad.scalar_type())).contiguous();
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const int64_t K = rois.size(0);
   check_batch_indices(rois, batch_size);
-  if (K == 0 || height == 0 || width == 0 || channels == 0 || batch_size == 0) {
-    return at::zeros({batch_size, channels, height, width}, grad.options().memory_format(fmt));
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1), gs2 = grad.stride(2),
-                gs3 = grad.stride(3);
+  return backward_impl(grad, rois, at::Tensor(), {Level{height, width, spatial_scale}},
+                       batch_size, channels, pooled_height, pooled_width, sampling_ratio,
+                       aligned, channels_last, deterministic)[0];
+}
 
-  if (deterministic) {
-    const size_t acc_size = grad.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-    const size_t smem = size_t(pooled_height + pooled_width) * kTile * acc_size;
-    // Dynamic shared memory for the weights, leaving room for the static RoI
-    // list under the default 48 KiB per block.
-    constexpr size_t kMaxSmem = 40 * 1024;
-    TORCH_CHECK(smem <= kMaxSmem,
-                "roi_align: the deterministic CUDA backward supports pooled_height + "
-                "pooled_width up to ", kMaxSmem / (kTile * acc_size), ", got ",
-                pooled_height + pooled_width);
-    at::Tensor gin = at::empty({batch_size, channels, height, width}, grad.options(), fmt);
-    const int64_t c_blocks = (channels + kDetChannels - 1) / kDetChannels;
-    const dim3 block(kTile, kTile);
-    const dim3 blocks(static_cast<unsigned int>((width + kTile - 1) / kTile),
-                      static_cast<unsigned int>((height + kTile - 1) / kTile),
-                      static_cast<unsigned int>(std::min<int64_t>(batch_size * c_blocks, 65535)));
-    TORCH_CHECK((height + kTile - 1) / kTile <= 65535,
-                "roi_align: input height too large for the deterministic CUDA backward");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                    "roi_align_backward_deterministic_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t scale = static_cast<acc_t>(spatial_scale);
-      if (channels_last) {
-        backward_deterministic_kernel<scalar_t, acc_t, true><<<blocks, block, smem, stream>>>(
-            grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, rois.data_ptr<acc_t>(), K,
-            gin.data_ptr<scalar_t>(), batch_size, channels, height, width, pooled_height,
-            pooled_width, scale, sampling_ratio, aligned, c_blocks);
-      } else {
-        backward_deterministic_kernel<scalar_t, acc_t, false><<<blocks, block, smem, stream>>>(
-            grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, rois.data_ptr<acc_t>(), K,
-            gin.data_ptr<scalar_t>(), batch_size, channels, height, width, pooled_height,
-            pooled_width, scale, sampling_ratio, aligned, c_blocks);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return gin;
-  }
+// Multi-level: no host synchronisation at all. RoIs with an invalid batch or
+// level index give zeros (the CPU kernels raise instead).
+at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::Tensor& rois,
+                                             const at::Tensor& levels,
+                                             at::ArrayRef<double> spatial_scales,
+                                             int64_t pooled_height, int64_t pooled_width,
+                                             int64_t sampling_ratio, bool aligned,
+                                             bool /*deterministic*/) {
+  check_multilevel_args(features, rois, levels, spatial_scales, pooled_height, pooled_width);
+  TORCH_CHECK(features[0].is_cuda(), "multilevel_roi_align: CUDA kernel got a ",
+              features[0].device(), " input");
+  c10::cuda::OptionalCUDAGuard guard(features[0].device());
+  const bool cl = use_channels_last(features[0]);
+  const std::vector<at::Tensor> feats = same_layout(features, cl);
+  std::vector<Level> lv;
+  for (size_t i = 0; i < feats.size(); ++i)
+    lv.push_back(Level{feats[i].size(2), feats[i].size(3), spatial_scales[i]});
+  return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(),
+                      levels.contiguous(), lv, pooled_height, pooled_width, sampling_ratio,
+                      aligned, cl);
+}
 
-  at::globalContext().alertNotDeterministic("instseg::_roi_align_backward (CUDA, deterministic=False)");
-  // Accumulate in float (double for double) and convert at the end.
-  const bool direct = grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble;
-  at::Tensor buf = at::zeros({batch_size, channels, height, width},
-                             grad.options().dtype(acc_dtype(grad.scalar_type())).memory_format(fmt));
-  const int64_t total = grad.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "roi_align_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(spatial_scale);
-    if (channels_last) {
-      backward_atomic_kernel<scalar_t, acc_t, true><<<num_blocks(total), kThreads, 0, stream>>>(
-          total, grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, rois.data_ptr<acc_t>(),
-          buf.data_ptr<acc_t>(), batch_size, channels, height, width, pooled_height,
-          pooled_width, scale, sampling_ratio, aligned);
-    } else {
-      backward_atomic_kernel<scalar_t, acc_t, false><<<num_blocks(total), kThreads, 0, stream>>>(
-          total, grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, rois.data_ptr<acc_t>(),
-          buf.data_ptr<acc_t>(), batch_size, channels, height, width, pooled_height,
-          pooled_width, scale, sampling_ratio, aligned);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return direct ? buf : buf.to(grad.scalar_type());
+std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
+    at::ArrayRef<double> spatial_scales, int64_t pooled_height, int64_t pooled_width,
+    at::IntArrayRef level_sizes, int64_t sampling_ratio, bool aligned, bool channels_last,
+    bool deterministic) {
+  const std::vector<Level> lv =
+      check_multilevel_backward_args(grad, rois, levels, spatial_scales, pooled_height,
+                                     pooled_width, level_sizes);
+  TORCH_CHECK(grad.is_cuda(), "_multilevel_roi_align_backward: CUDA kernel got a ",
+              grad.device(), " grad");
+  c10::cuda::OptionalCUDAGuard guard(grad.device());
+  return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(),
+                       levels.contiguous(), lv, level_sizes[0], level_sizes[1], pooled_height,
+                       pooled_width, sampling_ratio, aligned, channels_last, deterministic);
 }
 
 }  // namespace
@@ -401,6 +533,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
 TORCH_LIBRARY_IMPL(instseg, CUDA, m) {
   m.impl("roi_align", TORCH_FN(roi_align_forward_cuda));
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cuda));
+  m.impl("multilevel_roi_align", TORCH_FN(multilevel_roi_align_forward_cuda));
+  m.impl("_multilevel_roi_align_backward", TORCH_FN(multilevel_roi_align_backward_cuda));
 }
 
 }  // namespace instseg
