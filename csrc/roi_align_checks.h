@@ -102,6 +102,14 @@ inline std::vector<at::Tensor> same_layout(at::TensorList features, bool channel
   return out;
 }
 
+inline std::vector<Level> levels_of(const std::vector<at::Tensor>& feats,
+                                    at::ArrayRef<double> scales) {
+  std::vector<Level> lv;
+  for (size_t i = 0; i < feats.size(); ++i)
+    lv.push_back(Level{feats[i].size(2), feats[i].size(3), scales[i]});
+  return lv;
+}
+
 // level_sizes = (N, C, H0, W0, H1, W1, ...). Returns the levels.
 inline std::vector<Level> check_multilevel_backward_args(
     const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,

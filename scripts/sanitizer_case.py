@@ -40,6 +40,18 @@ def main():
                     if not (torch.isfinite(out).all() and torch.isfinite(xg.grad).all()):
                         print("non-finite result", dtype, cl, aligned, det)
                         bad += 1
+    # Multi-level: four levels, some invalid level indices (zeros, no sync).
+    feats = [torch.randn(2, 19, 52 // s, 68 // s, device=dev) for s in (1, 2, 4, 8)]
+    levels = torch.tensor([0, 1, 2, 3, 0, 9, -1, 2, 1], device=dev)
+    for cl in (False, True):
+        for det in (False, True):
+            xs = [(f.contiguous(memory_format=torch.channels_last) if cl else f).requires_grad_() for f in feats]
+            out = torch.ops.instseg.multilevel_roi_align(xs, rois, levels, [1.0, 0.5, 0.25, 0.125], 7, 7, 2, True, det)
+            out.backward(torch.randn_like(out))
+            torch.cuda.synchronize()
+            if not (torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs)):
+                print("non-finite multilevel result", cl, det)
+                bad += 1
     print("sanitizer case done, problems:", bad)
     raise SystemExit(1 if bad else 0)
 

@@ -346,11 +346,9 @@ at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::T
   const std::vector<at::Tensor> feats = same_layout(features, cl);
   const at::Tensor levels = levels_.contiguous();
   check_levels(levels, static_cast<int64_t>(features.size()));
-  std::vector<Level> lv;
-  for (size_t i = 0; i < feats.size(); ++i)
-    lv.push_back(Level{feats[i].size(2), feats[i].size(3), spatial_scales[i]});
-  return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(), levels, lv,
-                      pooled_height, pooled_width, sampling_ratio, aligned, cl);
+  return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(), levels,
+                      levels_of(feats, spatial_scales), pooled_height, pooled_width,
+                      sampling_ratio, aligned, cl);
 }
 
 // ---------------------------------------------------------------------------
@@ -501,21 +499,18 @@ void backward_channels_last(const GradView<scalar_t>& g,
               const bool lo_in = y->lo >= y0 && y->lo < y1, hi_in = y->hi >= y0 && y->hi < y1;
               if (!lo_in && !hi_in) continue;
               for (auto* x = t.xs.begin(pw); x != t.xs.end(pw); ++x) {
+                // Adds w * gradient to all channels of pixel (row, col).
+                auto add = [&](int64_t row, int64_t col, acc_t w) {
+                  acc_t* __restrict__ a = acc + ((row - y0) * W + col) * C;
+                  for (int64_t c = 0; c < C; ++c) a[c] += w * gb[c];
+                };
                 if (lo_in) {
-                  acc_t* __restrict__ a1 = acc + ((y->lo - y0) * W + x->lo) * C;
-                  const acc_t w1 = y->w_lo * x->w_lo;
-                  for (int64_t c = 0; c < C; ++c) a1[c] += w1 * gb[c];
-                  acc_t* __restrict__ a2 = acc + ((y->lo - y0) * W + x->hi) * C;
-                  const acc_t w2 = y->w_lo * x->w_hi;
-                  for (int64_t c = 0; c < C; ++c) a2[c] += w2 * gb[c];
+                  add(y->lo, x->lo, y->w_lo * x->w_lo);
+                  add(y->lo, x->hi, y->w_lo * x->w_hi);
                 }
                 if (hi_in) {
-                  acc_t* __restrict__ a3 = acc + ((y->hi - y0) * W + x->lo) * C;
-                  const acc_t w3 = y->w_hi * x->w_lo;
-                  for (int64_t c = 0; c < C; ++c) a3[c] += w3 * gb[c];
-                  acc_t* __restrict__ a4 = acc + ((y->hi - y0) * W + x->hi) * C;
-                  const acc_t w4 = y->w_hi * x->w_hi;
-                  for (int64_t c = 0; c < C; ++c) a4[c] += w4 * gb[c];
+                  add(y->hi, x->lo, y->w_hi * x->w_lo);
+                  add(y->hi, x->hi, y->w_hi * x->w_hi);
                 }
               }
             }

@@ -107,6 +107,24 @@ __device__ __forceinline__ int64_t roi_level(const int64_t* levels, int64_t k,
   return l;
 }
 
+// Calls f(y, x) for every sample of bin (ph, pw) that lies on the H x W map.
+template <typename acc_t, typename F>
+__device__ __forceinline__ void for_each_sample(const RoiGeometry<acc_t>& g, int64_t ph,
+                                                int64_t pw, int64_t H, int64_t W, F&& f) {
+  int64_t ylo, yhi, xlo, xhi;
+  sample_range(g.start_h, g.bin_h, ph, g.grid_h, H, &ylo, &yhi);
+  sample_range(g.start_w, g.bin_w, pw, g.grid_w, W, &xlo, &xhi);
+  for (int64_t iy = ylo; iy < yhi; ++iy) {
+    AxisSample<acc_t> y;
+    if (!axis_sample(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H, &y)) continue;
+    for (int64_t ix = xlo; ix < xhi; ++ix) {
+      AxisSample<acc_t> x;
+      if (!axis_sample(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W, &x)) continue;
+      f(y, x);
+    }
+  }
+}
+
 // Decodes a linear output index into (k, c, ph, pw) for the layout in use.
 template <bool CL>
 __device__ __forceinline__ void decode(int64_t idx, int64_t C, int64_t PH, int64_t PW,
@@ -150,21 +168,12 @@ __global__ void forward_kernel(int64_t total, LevelPack<const scalar_t*> lv,
         const scalar_t* plane =
             CL ? lv.data[l] + g.batch * H * W * C + c : lv.data[l] + (g.batch * C + c) * H * W;
         const int64_t ps = CL ? C : 1;
-        int64_t ylo, yhi, xlo, xhi;
-        sample_range(g.start_h, g.bin_h, ph, g.grid_h, H, &ylo, &yhi);
-        sample_range(g.start_w, g.bin_w, pw, g.grid_w, W, &xlo, &xhi);
-        for (int64_t iy = ylo; iy < yhi; ++iy) {
-          AxisSample<acc_t> y;
-          if (!axis_sample(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H, &y)) continue;
-          for (int64_t ix = xlo; ix < xhi; ++ix) {
-            AxisSample<acc_t> x;
-            if (!axis_sample(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W, &x)) continue;
-            sum += y.w_lo * x.w_lo * static_cast<acc_t>(plane[(y.lo * W + x.lo) * ps]) +
-                y.w_lo * x.w_hi * static_cast<acc_t>(plane[(y.lo * W + x.hi) * ps]) +
-                y.w_hi * x.w_lo * static_cast<acc_t>(plane[(y.hi * W + x.lo) * ps]) +
-                y.w_hi * x.w_hi * static_cast<acc_t>(plane[(y.hi * W + x.hi) * ps]);
-          }
-        }
+        for_each_sample(g, ph, pw, H, W, [&](const AxisSample<acc_t>& y, const AxisSample<acc_t>& x) {
+          sum += y.w_lo * x.w_lo * static_cast<acc_t>(plane[(y.lo * W + x.lo) * ps]) +
+              y.w_lo * x.w_hi * static_cast<acc_t>(plane[(y.lo * W + x.hi) * ps]) +
+              y.w_hi * x.w_lo * static_cast<acc_t>(plane[(y.hi * W + x.lo) * ps]) +
+              y.w_hi * x.w_hi * static_cast<acc_t>(plane[(y.hi * W + x.hi) * ps]);
+        });
       }
     }
     out[idx] = static_cast<scalar_t>(sum / count);
@@ -192,21 +201,12 @@ __global__ void backward_atomic_kernel(int64_t total, const scalar_t* __restrict
     acc_t* plane =
         CL ? lv.data[l] + g.batch * H * W * C + c : lv.data[l] + (g.batch * C + c) * H * W;
     const int64_t ps = CL ? C : 1;
-    int64_t ylo, yhi, xlo, xhi;
-    sample_range(g.start_h, g.bin_h, ph, g.grid_h, H, &ylo, &yhi);
-    sample_range(g.start_w, g.bin_w, pw, g.grid_w, W, &xlo, &xhi);
-    for (int64_t iy = ylo; iy < yhi; ++iy) {
-      AxisSample<acc_t> y;
-      if (!axis_sample(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H, &y)) continue;
-      for (int64_t ix = xlo; ix < xhi; ++ix) {
-        AxisSample<acc_t> x;
-        if (!axis_sample(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W, &x)) continue;
-        atomicAdd(plane + (y.lo * W + x.lo) * ps, gv * (y.w_lo * x.w_lo) / g.count);
-        atomicAdd(plane + (y.lo * W + x.hi) * ps, gv * (y.w_lo * x.w_hi) / g.count);
-        atomicAdd(plane + (y.hi * W + x.lo) * ps, gv * (y.w_hi * x.w_lo) / g.count);
-        atomicAdd(plane + (y.hi * W + x.hi) * ps, gv * (y.w_hi * x.w_hi) / g.count);
-      }
-    }
+    for_each_sample(g, ph, pw, H, W, [&](const AxisSample<acc_t>& y, const AxisSample<acc_t>& x) {
+      atomicAdd(plane + (y.lo * W + x.lo) * ps, gv * (y.w_lo * x.w_lo) / g.count);
+      atomicAdd(plane + (y.lo * W + x.hi) * ps, gv * (y.w_lo * x.w_hi) / g.count);
+      atomicAdd(plane + (y.hi * W + x.lo) * ps, gv * (y.w_hi * x.w_lo) / g.count);
+      atomicAdd(plane + (y.hi * W + x.hi) * ps, gv * (y.w_hi * x.w_hi) / g.count);
+    });
   }
 }
 
@@ -504,12 +504,9 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
   c10::cuda::OptionalCUDAGuard guard(features[0].device());
   const bool cl = use_channels_last(features[0]);
   const std::vector<at::Tensor> feats = same_layout(features, cl);
-  std::vector<Level> lv;
-  for (size_t i = 0; i < feats.size(); ++i)
-    lv.push_back(Level{feats[i].size(2), feats[i].size(3), spatial_scales[i]});
   return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(),
-                      levels.contiguous(), lv, pooled_height, pooled_width, sampling_ratio,
-                      aligned, cl);
+                      levels.contiguous(), levels_of(feats, spatial_scales), pooled_height,
+                      pooled_width, sampling_ratio, aligned, cl);
 }
 
 std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
