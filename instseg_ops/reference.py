@@ -100,3 +100,34 @@ def roi_align_reference(
     if not out:
         return input.new_zeros(0, channels, ph_n, pw_n)
     return torch.stack(out).to(input.dtype)
+
+
+def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor = None) -> Tensor:
+    """Greedy NMS in plain Python over float32 (float64 for float64 boxes) tensors.
+
+    Order: score descending, ties by lower index; suppress IoU > threshold; boxes of
+    different categories (``idxs``) never suppress each other; non-finite boxes or
+    scores are dropped.
+    """
+    dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    b = boxes.to(dt)
+    s = scores.to(dt)
+    ok = torch.isfinite(s) & torch.isfinite(b).all(dim=1)
+    cand = [i for i in range(b.shape[0]) if bool(ok[i])]
+    cand.sort(key=lambda i: (-float(s[i]), i))
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    kept = []
+    for i in cand:
+        suppressed = False
+        for j in kept:
+            if idxs is not None and int(idxs[i]) != int(idxs[j]):
+                continue
+            w = torch.clamp(torch.minimum(b[i, 2], b[j, 2]) - torch.maximum(b[i, 0], b[j, 0]), min=0)
+            h = torch.clamp(torch.minimum(b[i, 3], b[j, 3]) - torch.maximum(b[i, 1], b[j, 1]), min=0)
+            inter = w * h
+            if inter / (area[j] + area[i] - inter) > iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.int64)

@@ -1,0 +1,184 @@
+"""NMS and batched NMS on the CPU: reference, torchvision, properties, robustness."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+from instseg_ops import batched_nms, nms
+from instseg_ops.reference import nms_reference
+
+try:
+    import torchvision
+except ImportError:
+    torchvision = None
+
+needs_torchvision = pytest.mark.skipif(torchvision is None, reason="torchvision not installed")
+
+
+def random_boxes(n, size=1000.0, max_wh=100.0, dtype=torch.float32, generator=None):
+    """Many overlapping boxes and distinct scores."""
+    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * size
+    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * max_wh + 1
+    boxes = torch.cat([xy, xy + wh], dim=1).to(dtype)
+    scores = (torch.randperm(n, generator=generator).double() / max(n, 1)).to(dtype)  # distinct
+    return boxes, scores
+
+
+def iou_matrix(b):
+    b = b.double()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.maximum(b[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area[:, None] + area[None, :] - inter)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 50, 300])
+@pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nms_matches_reference(seed, n, thr, dtype):
+    boxes, scores = random_boxes(n, size=300.0, dtype=dtype)
+    keep = nms(boxes, scores, thr)
+    assert keep.dtype == torch.int64
+    assert torch.equal(keep, nms_reference(boxes, scores, thr))
+
+
+@pytest.mark.parametrize("n", [2, 100, 400])
+@pytest.mark.parametrize("categories", [1, 3, 20])
+def test_batched_nms_matches_reference_and_union_of_categories(seed, n, categories):
+    boxes, scores = random_boxes(n, size=200.0)
+    idxs = torch.randint(0, categories, (n,))
+    keep = batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(keep, nms_reference(boxes, scores, 0.5, idxs))
+    union = []
+    for c in idxs.unique():
+        sel = (idxs == c).nonzero().flatten()
+        union += sel[nms(boxes[sel], scores[sel], 0.5)].tolist()
+    assert sorted(union) == sorted(keep.tolist())
+
+
+@needs_torchvision
+@pytest.mark.parametrize("n", [10, 1000, 5000])
+@pytest.mark.parametrize("thr", [0.3, 0.5, 0.8])
+def test_matches_torchvision(seed, n, thr):
+    boxes, scores = random_boxes(n)
+    assert torch.equal(nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
+    idxs = torch.randint(0, 80, (n,))
+    assert torch.equal(batched_nms(boxes, scores, idxs, thr), torchvision.ops.batched_nms(boxes, scores, idxs, thr))
+
+
+def test_ties_break_by_lower_index():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60], [50, 50, 60, 60.]])
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.9])
+    assert nms(boxes, scores, 0.5).tolist() == [3, 0]
+    assert batched_nms(boxes, scores, torch.tensor([1, 0, 1, 1]), 0.5).tolist() == [3, 0, 1]
+
+
+def test_max_output_and_score_threshold(seed):
+    boxes, scores = random_boxes(500)
+    full = nms(boxes, scores, 0.5)
+    assert torch.equal(nms(boxes, scores, 0.5, max_output=7), full[:7])
+    assert nms(boxes, scores, 0.5, max_output=0).numel() == 0
+    idxs = torch.randint(0, 5, (500,))
+    full_b = batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5, max_output=11), full_b[:11])
+    thr = float(scores.median())
+    kept = nms(boxes, scores, 0.5, score_threshold=thr)
+    assert (scores[kept] >= thr).all()
+    keep_ref = nms_reference(boxes[scores >= thr], scores[scores >= thr], 0.5)
+    assert torch.equal(kept, (scores >= thr).nonzero().flatten()[keep_ref])
+
+
+def test_nonfinite_inputs_are_dropped_and_bad_inputs_raise():
+    boxes, scores = random_boxes(20)
+    scores[3] = float("nan")
+    boxes[5, 2] = float("inf")
+    boxes[6, 0] = float("nan")
+    keep = nms(boxes, scores, 0.5)
+    assert not {3, 5, 6} & set(keep.tolist())
+    assert torch.equal(keep, nms_reference(boxes, scores, 0.5))
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
+    with pytest.raises(RuntimeError, match=r"Tensor\[N, 4\]"):
+        nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(RuntimeError, match="one score per box"):
+        nms(boxes, scores[:-1], 0.5)
+    with pytest.raises(RuntimeError, match="floating"):
+        nms(boxes.long(), scores, 0.5)
+    with pytest.raises(RuntimeError, match="iou_threshold is NaN"):
+        nms(boxes, scores, float("nan"))
+    with pytest.raises(RuntimeError, match="integer"):
+        batched_nms(boxes, scores, torch.zeros(20), 0.5)
+    with pytest.raises(RuntimeError, match="one category per box"):
+        batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5)
+
+
+def test_opcheck_and_compile(seed):
+    boxes, scores = random_boxes(64, size=200.0)
+    idxs = torch.randint(0, 4, (64,))
+    opcheck(torch.ops.instseg.nms.default, (boxes, scores, None, 0.5, -1, None))
+    opcheck(torch.ops.instseg.nms.default, (boxes, scores, idxs, 0.5, 10, 0.2))
+    torch._dynamo.reset()
+
+    def f(b, s, i):
+        keep = batched_nms(b, s, i, 0.5)
+        return b[keep].sum(dim=1)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(boxes, scores, idxs)
+    torch.testing.assert_close(out, f(boxes, scores, idxs))
+
+
+# ---------------------------------------------------------------------------
+# Properties
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(0, 60))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    boxes, scores = random_boxes(n, size=draw(st.sampled_from([50.0, 200.0])), generator=g)
+    idxs = torch.randint(0, draw(st.integers(1, 4)), (n,), generator=g)
+    thr = draw(st.floats(0.0, 1.0))
+    return boxes, scores, idxs, thr
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=problems())
+def test_kept_and_dropped_boxes_satisfy_the_nms_conditions(p):
+    boxes, scores, idxs, thr = p
+    for batched in (False, True):
+        keep = batched_nms(boxes, scores, idxs, thr) if batched else nms(boxes, scores, thr)
+        iou = iou_matrix(boxes)
+        same = (idxs[:, None] == idxs[None, :]) if batched else torch.ones(len(boxes), len(boxes), dtype=torch.bool)
+        kept = keep.tolist()
+        assert len(set(kept)) == len(kept)
+        assert (scores[keep][1:] <= scores[keep][:-1]).all()  # sorted by score
+        for a in range(len(kept)):  # kept pairs do not overlap too much
+            for b in range(a + 1, len(kept)):
+                i, j = kept[a], kept[b]
+                assert not same[i, j] or iou[i, j] <= thr + 1e-6
+        for d in set(range(len(boxes))) - set(kept):  # every dropped box has a reason
+            assert any(same[d, k] and scores[k] > scores[d] and iou[d, k] > thr - 1e-6 for k in kept)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=problems(), data=st.data())
+def test_permutation_and_scaling_invariance(p, data):
+    boxes, scores, idxs, thr = p
+    n = boxes.shape[0]
+    keep = set(batched_nms(boxes, scores, idxs, thr).tolist())
+    perm = torch.tensor(data.draw(st.permutations(range(n))), dtype=torch.int64)
+    keep_p = batched_nms(boxes[perm], scores[perm], idxs[perm], thr)
+    assert {int(perm[k]) for k in keep_p} == keep
+    factor = data.draw(st.sampled_from([0.25, 0.5, 2.0, 8.0]))  # powers of two: exact in float
+    assert set(batched_nms(boxes * factor, scores, idxs, thr).tolist()) == keep
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=problems())
+def test_threshold_one_keeps_every_box(p):
+    boxes, scores, _, _ = p
+    assert sorted(nms(boxes, scores, 1.0).tolist()) == list(range(boxes.shape[0]))
