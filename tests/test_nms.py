@@ -182,3 +182,55 @@ def test_permutation_and_scaling_invariance(p, data):
 def test_threshold_one_keeps_every_box(p):
     boxes, scores, _, _ = p
     assert sorted(nms(boxes, scores, 1.0).tolist()) == list(range(boxes.shape[0]))
+
+
+# ---------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+from conftest import requires_cuda  # noqa: E402
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 20000, 300000])
+@pytest.mark.parametrize("categories", [0, 80, 1000])
+def test_cuda_matches_cpu(seed, n, categories):
+    """300k boxes need several bitmask chunks (256 MiB each)."""
+    boxes, scores = random_boxes(n, size=1333.0)
+    if categories:
+        idxs = torch.randint(0, categories, (n,))
+        cpu = batched_nms(boxes, scores, idxs, 0.5)
+        gpu = batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5)
+    else:
+        cpu = nms(boxes, scores, 0.5)
+        gpu = nms(boxes.cuda(), scores.cuda(), 0.5)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.int64
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_dtypes_options_and_bad_values(seed, dtype):
+    boxes, scores = random_boxes(3000, dtype=dtype)
+    scores[5] = float("nan")
+    boxes[7, 1] = float("inf")
+    idxs = torch.randint(0, 7, (3000,))
+    for kw in ({}, {"max_output": 10}, {"score_threshold": 0.5}, {"max_output": 0}):
+        assert torch.equal(nms(boxes.cuda(), scores.cuda(), 0.6, **kw).cpu(), nms(boxes, scores, 0.6, **kw))
+        assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.6, **kw).cpu(),
+                           batched_nms(boxes, scores, idxs, 0.6, **kw))
+    assert nms(torch.zeros(0, 4, device="cuda"), torch.zeros(0, device="cuda"), 0.5).shape == (0,)
+    with pytest.raises(RuntimeError, match="scores are on"):
+        nms(boxes.cuda(), scores, 0.5)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@needs_torchvision
+def test_cuda_matches_torchvision(seed):
+    boxes, scores = random_boxes(20000)
+    b, s = boxes.cuda(), scores.cuda()
+    assert torch.equal(nms(b, s, 0.5), torchvision.ops.nms(b, s, 0.5))
+    idxs = torch.randint(0, 80, (20000,), device="cuda")
+    assert torch.equal(batched_nms(b, s, idxs, 0.5), torchvision.ops.batched_nms(b, s, idxs, 0.5))
