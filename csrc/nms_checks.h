@@ -33,4 +33,15 @@ inline void check_nms_args(const at::Tensor& boxes, const at::Tensor& scores,
   }
 }
 
+inline void check_soft_nms_args(const at::Tensor& boxes, const at::Tensor& scores,
+                                double iou_threshold, double sigma, double score_threshold,
+                                int64_t method) {
+  check_nms_args(boxes, scores, std::nullopt, iou_threshold);
+  TORCH_CHECK(method == 0 || method == 1, "soft_nms: method must be 0 (linear) or 1 (gaussian), got ",
+              method);
+  TORCH_CHECK(method == 0 || sigma > 0, "soft_nms: sigma must be > 0 for the gaussian method, got ",
+              sigma);
+  TORCH_CHECK(!std::isnan(score_threshold), "soft_nms: score_threshold is NaN");
+}
+
 }  // namespace instseg

@@ -43,3 +43,32 @@ def _nms_fake(boxes, scores, idxs, iou_threshold, max_output=-1, score_threshold
     ctx = torch.library.get_ctx()
     n = ctx.new_dynamic_size()
     return boxes.new_empty((n,), dtype=torch.int64)
+
+
+SOFT_NMS_METHODS = {"linear": 0, "gaussian": 1}
+
+
+def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
+             score_threshold: float = 0.001, method: str = "linear"):
+    """Soft-NMS (Bodla et al., 2017). Returns ``(keep, kept_scores)``.
+
+    Repeatedly keeps the remaining box with the highest current score (ties: lower index)
+    and decays the scores of the others by their IoU with it: ``"linear"`` multiplies by
+    ``1 - IoU`` when ``IoU > iou_threshold``; ``"gaussian"`` by ``exp(-IoU**2 / sigma)``.
+    Boxes whose score is or falls below ``score_threshold`` are dropped, as are boxes with
+    a non-finite score or coordinate. ``keep`` (int64) is in selection order, which is by
+    decreasing decayed score; ``kept_scores`` are those decayed scores (scores' dtype).
+    """
+    if method not in SOFT_NMS_METHODS:
+        raise ValueError(f"soft_nms: method must be one of {tuple(SOFT_NMS_METHODS)}, got {method!r}")
+    return torch.ops.instseg.soft_nms(boxes, scores, float(iou_threshold), float(sigma), float(score_threshold),
+                                      SOFT_NMS_METHODS[method])
+
+
+@torch.library.register_fake("instseg::soft_nms")
+def _soft_nms_fake(boxes, scores, iou_threshold, sigma, score_threshold, method):
+    torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "soft_nms: boxes must be a Tensor[N, 4]")
+    torch._check(scores.dim() == 1 and scores.shape[0] == boxes.shape[0],
+                 lambda: "soft_nms: scores must be a Tensor[N]")
+    n = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))

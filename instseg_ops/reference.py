@@ -131,3 +131,34 @@ def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Ten
         if not suppressed:
             kept.append(i)
     return torch.tensor(kept, dtype=torch.int64)
+
+
+def soft_nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
+                       method: str):
+    """Soft-NMS (Bodla et al. 2017) in plain Python, float32 (float64 for float64 boxes) arithmetic."""
+    dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    b = boxes.to(dt)
+    s = scores.to(dt).clone()
+    ok = torch.isfinite(s) & torch.isfinite(b).all(dim=1) & (s >= score_threshold)
+    alive = [i for i in range(b.shape[0]) if bool(ok[i])]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep, kept = [], []
+    while alive:
+        m = min(alive, key=lambda i: (-float(s[i]), i))
+        keep.append(m)
+        kept.append(s[m].clone())
+        alive.remove(m)
+        for i in list(alive):
+            w = torch.clamp(torch.minimum(b[m, 2], b[i, 2]) - torch.maximum(b[m, 0], b[i, 0]), min=0)
+            h = torch.clamp(torch.minimum(b[m, 3], b[i, 3]) - torch.maximum(b[m, 1], b[i, 1]), min=0)
+            inter = w * h
+            iou = inter / (area[m] + area[i] - inter)
+            if method == "linear":
+                if iou > iou_threshold:
+                    s[i] = s[i] * (1 - iou)
+            else:
+                s[i] = s[i] * torch.exp(-(iou * iou) / sigma)
+            if not bool(s[i] >= score_threshold):
+                alive.remove(i)
+    kept_t = torch.stack(kept) if kept else torch.zeros(0, dtype=dt)
+    return torch.tensor(keep, dtype=torch.int64), kept_t.to(scores.dtype)

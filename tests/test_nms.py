@@ -234,3 +234,66 @@ def test_cuda_matches_torchvision(seed):
     assert torch.equal(nms(b, s, 0.5), torchvision.ops.nms(b, s, 0.5))
     idxs = torch.randint(0, 80, (20000,), device="cuda")
     assert torch.equal(batched_nms(b, s, idxs, 0.5), torchvision.ops.batched_nms(b, s, idxs, 0.5))
+
+
+# ---------------------------------------------------------------------------
+# Soft-NMS
+
+from instseg_ops import soft_nms  # noqa: E402
+from instseg_ops.reference import soft_nms_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+@pytest.mark.parametrize("n", [0, 1, 40, 150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_soft_nms_matches_reference(seed, method, n, dtype):
+    boxes, scores = random_boxes(n, size=150.0, dtype=dtype)
+    keep, kept = soft_nms(boxes, scores, 0.3, 0.5, 0.05, method)
+    ref_keep, ref_kept = soft_nms_reference(boxes, scores, 0.3, 0.5, 0.05, method)
+    assert keep.dtype == torch.int64 and kept.dtype == dtype
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(kept, ref_kept, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=problems(), method=st.sampled_from(["linear", "gaussian"]), sigma=st.floats(0.05, 2.0),
+       score_thr=st.floats(0.0, 0.5))
+def test_soft_nms_properties(p, method, sigma, score_thr):
+    boxes, scores, _, thr = p
+    keep, kept = soft_nms(boxes, scores, thr, sigma, score_thr, method)
+    assert len(set(keep.tolist())) == len(keep)
+    assert (kept[1:] <= kept[:-1]).all()  # selection order is by decayed score
+    assert (kept <= scores[keep] * (1 + 1e-6)).all()  # scores only decay
+    assert (kept >= score_thr).all()
+    if method == "linear":
+        # With threshold 1 nothing decays: every box above the score threshold, by score.
+        keep1, kept1 = soft_nms(boxes, scores, 1.0, sigma, score_thr, "linear")
+        above = (scores >= score_thr).nonzero().flatten()
+        assert sorted(keep1.tolist()) == sorted(above.tolist())
+        torch.testing.assert_close(kept1, scores[keep1])
+
+
+def test_soft_nms_bad_inputs():
+    boxes, scores = random_boxes(10)
+    scores[2] = float("nan")
+    keep, _ = soft_nms(boxes, scores)
+    assert 2 not in keep.tolist()
+    with pytest.raises(ValueError, match="method"):
+        soft_nms(boxes, scores, method="hard")
+    with pytest.raises(RuntimeError, match="sigma must be > 0"):
+        soft_nms(boxes, scores, sigma=0.0, method="gaussian")
+    with pytest.raises(RuntimeError, match="one score per box"):
+        soft_nms(boxes, scores[:3])
+    opcheck(torch.ops.instseg.soft_nms.default, (boxes, scores, 0.3, 0.5, 0.01, 0))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+@pytest.mark.parametrize("n", [1, 100, 5000])
+def test_soft_nms_cuda_matches_cpu(seed, method, n):
+    boxes, scores = random_boxes(n)
+    keep, kept = soft_nms(boxes, scores, 0.3, 0.5, 0.01, method)
+    keep_g, kept_g = soft_nms(boxes.cuda(), scores.cuda(), 0.3, 0.5, 0.01, method)
+    assert torch.equal(keep_g.cpu(), keep)
+    torch.testing.assert_close(kept_g.cpu(), kept, rtol=1e-5, atol=1e-6)
