@@ -21,6 +21,25 @@
 namespace instseg {
 namespace roi_align_detail {
 
+// Correctly rounded multiply/add/divide, never contracted into an FMA, so that
+// the CUDA kernels compute the same sample coordinates as the CPU (nvcc fuses
+// a * b + c by default; x86 builds round the product first).
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+#else
+template <typename T>
+inline T mul_rn(T a, T b) { return a * b; }
+template <typename T>
+inline T add_rn(T a, T b) { return a + b; }
+#endif
+
+// Unit roundoff of the geometry type: margins for values computed in it.
+template <typename T>
+C10_HOST_DEVICE inline double unit_roundoff() { return sizeof(T) == 4 ? 5.97e-8 : 1.12e-16; }
+
 template <typename T>
 C10_HOST_DEVICE inline bool is_finite(T v) {
   // NaN fails the first comparison; +-inf fails the second.
@@ -68,10 +87,10 @@ C10_HOST_DEVICE inline RoiGeometry<T> roi_geometry(
   if (!is_finite(b) || !(b > T(-1)) || !(b < static_cast<T>(batch_size))) return g;
   g.batch = static_cast<int64_t>(b);  // truncation, like a C cast of the index
   const T offset = aligned ? T(0.5) : T(0);
-  const T x1 = roi[1] * spatial_scale - offset;
-  const T y1 = roi[2] * spatial_scale - offset;
-  const T x2 = roi[3] * spatial_scale - offset;
-  const T y2 = roi[4] * spatial_scale - offset;
+  const T x1 = add_rn(mul_rn(roi[1], spatial_scale), -offset);
+  const T y1 = add_rn(mul_rn(roi[2], spatial_scale), -offset);
+  const T x2 = add_rn(mul_rn(roi[3], spatial_scale), -offset);
+  const T y2 = add_rn(mul_rn(roi[4], spatial_scale), -offset);
   T roi_w = x2 - x1;
   T roi_h = y2 - y1;
   if (!aligned) {
@@ -101,13 +120,14 @@ C10_HOST_DEVICE inline RoiGeometry<T> roi_geometry(
 // torchvision writes it so that results agree bit for bit where they can.
 template <typename T>
 C10_HOST_DEVICE inline T sample_coord(T start, T bin, int64_t p, int64_t i, int64_t grid) {
-  return start + static_cast<T>(p) * bin +
-      static_cast<T>(static_cast<float>(i) + 0.5f) * bin / static_cast<T>(grid);
+  return add_rn(add_rn(start, mul_rn(static_cast<T>(p), bin)),
+                mul_rn(static_cast<T>(static_cast<float>(i) + 0.5f), bin) / static_cast<T>(grid));
 }
 
 // Range [*lo, *hi) of sample indices of bin `p` that may fall in [-1, size].
-// Computed in double with a margin; callers still test each sample exactly, so
-// the range only prunes samples that are certainly outside.
+// Computed in double with a margin that covers the rounding of the sample
+// coordinates in T (large for huge boxes); callers still test each sample
+// exactly, so the range only prunes samples that are certainly outside.
 template <typename T>
 C10_HOST_DEVICE inline void sample_range(
     T start, T bin, int64_t p, int64_t grid, int64_t size, int64_t* lo, int64_t* hi) {
@@ -120,8 +140,12 @@ C10_HOST_DEVICE inline void sample_range(
   double a = (-1.0 - base) / step - 0.5;
   double b = (static_cast<double>(size) - base) / step - 0.5;
   if (a > b) { const double t = a; a = b; b = t; }
-  a = ::floor(a) - 2.0;
-  b = ::ceil(b) + 3.0;
+  // Coordinates in T can be off by a few roundoffs of |start| + |p * bin| + |bin|.
+  const double err = 8.0 * unit_roundoff<T>() *
+      (::fabs(static_cast<double>(start)) + ::fabs(base) + ::fabs(static_cast<double>(bin))) /
+      ::fabs(step);
+  a = ::floor(a - err) - 2.0;
+  b = ::ceil(b + err) + 3.0;
   if (a > static_cast<double>(*lo)) *lo = a >= static_cast<double>(grid) ? grid : static_cast<int64_t>(a);
   if (b < static_cast<double>(*hi)) *hi = b <= 0.0 ? 0 : static_cast<int64_t>(b);
 }
@@ -165,8 +189,10 @@ C10_HOST_DEVICE inline void touched_span(T start, T bin, int64_t pooled, int64_t
   double a = static_cast<double>(start);
   double b = a + static_cast<double>(bin) * static_cast<double>(pooled);
   if (a > b) { const double t = a; a = b; b = t; }
-  a = ::floor(a) - 1.0;
-  b = ::ceil(b) + 1.0;
+  // Sample coordinates are computed in T: allow for their rounding.
+  const double err = 8.0 * unit_roundoff<T>() * (::fabs(a) + ::fabs(b));
+  a = ::floor(a - err) - 1.0;
+  b = ::ceil(b + err) + 1.0;
   *first = a < 0.0 ? 0 : (a > static_cast<double>(size) ? size : static_cast<int64_t>(a));
   *last = b > static_cast<double>(size - 1) ? size - 1 : (b < -1.0 ? -1 : static_cast<int64_t>(b));
 }

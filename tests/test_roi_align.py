@@ -357,3 +357,40 @@ def test_large_adaptive_grid_is_bounded():
     rois = torch.tensor([[0.0, -1e6, -1e6, 1e6, 1e6]])
     out = roi_align(x, rois, 2, 1.0, -1)
     assert torch.isfinite(out).all()
+
+
+def test_huge_box_with_an_edge_on_the_map_keeps_all_valid_samples(seed):
+    """A box from x = -3e9 to x = 97 (float32): its ~4e8 samples per bin have
+    coordinates that round by hundreds of pixels, and the pruning of off-map
+    samples must allow for that. The expected value evaluates, in float32 with
+    numpy, every sample within 10^5 indices of where the map starts and ends
+    (all others are thousands of pixels off the map)."""
+    import numpy as np
+
+    w, pw = 200, 7
+    x = torch.randn(1, 1, 1, w)
+    x1, x2 = np.float32(-3.0202342e9), np.float32(96.79984)
+    rois = torch.tensor([[0.0, float(x1), 0.0, float(x2), 0.5]])
+    out = roi_align(x, rois, (1, pw), 1.0, -1, False)
+    f32 = np.float32
+    bin_w = f32(x2 - x1) / f32(pw)
+    grid = int(np.ceil(f32(x2 - x1) / f32(pw)))  # in float32, as the kernels do
+    step = float(bin_w) / grid
+    feat = x[0, 0, 0].double().numpy()
+    expect = []
+    for p in range(pw):
+        base = float(x1) + p * float(bin_w)
+        centre = [(-1 - base) / step, (w - base) / step]
+        idx = np.concatenate([np.arange(int(c) - 10**5, int(c) + 10**5) for c in centre])
+        idx = np.unique(idx[(idx >= 0) & (idx < grid)]).astype(np.float32)
+        coord = (x1 + f32(p) * bin_w) + ((idx + f32(0.5)) * bin_w) / f32(grid)  # float32 at every step
+        coord = coord[(coord >= -1) & (coord <= w)]
+        c = np.maximum(coord, 0).astype(np.float64)
+        lo = np.floor(c).astype(np.int64)
+        edge = lo >= w - 1
+        lo[edge] = w - 1
+        hi = np.where(edge, lo, lo + 1)
+        c[edge] = lo[edge]
+        frac = c - lo
+        expect.append(((1 - frac) * feat[lo] + frac * feat[hi]).sum() / float(f32(grid)))  # grid_h = 1
+    torch.testing.assert_close(out[0, 0, 0].double(), torch.tensor(expect, dtype=torch.float64), rtol=1e-4, atol=1e-12)

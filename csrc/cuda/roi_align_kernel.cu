@@ -283,7 +283,10 @@ __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
       for (int j = 0; j < m; ++j) {
         const int64_t kk = list[j];
         const RoiGeometry<acc_t> g = roi_geometry(rois + kk * 5, scale, PH, PW, sr, aligned, N);
-        for (int64_t i = tid; i < (PH + PW) * kTile; i += kDetThreads) wy[i] = 0;
+        // -0.0 marks "no sample here"; a touched entry becomes >= +0.0 even when
+        // its weight is zero, so that a NaN/inf gradient still reaches every
+        // pixel a sample touches, as in the atomic and CPU backwards.
+        for (int64_t i = tid; i < (PH + PW) * kTile; i += kDetThreads) wy[i] = -acc_t(0);
         __syncthreads();
         for (int64_t p = tid; p < PH + PW; p += kDetThreads) {
           const bool is_y = p < PH;
@@ -309,10 +312,10 @@ __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
           const scalar_t* gk = grad + kk * gs0 + c0 * gs1;
           for (int64_t ph = 0; ph < PH; ++ph) {
             const acc_t a = wy[ph * kTile + threadIdx.y];
-            if (a == acc_t(0)) continue;
+            if (signbit(a)) continue;  // untouched row
             for (int64_t pw = 0; pw < PW; ++pw) {
               const acc_t b = wx[pw * kTile + threadIdx.x];
-              if (b == acc_t(0)) continue;
+              if (signbit(b)) continue;  // untouched column
               const acc_t w = a * b / g.count;
               const scalar_t* gp = gk + ph * gs2 + pw * gs3;
 #pragma unroll
