@@ -42,6 +42,7 @@ rm -f "$OUT/sanitizer_last.txt"  # at most 8 files come back from $OUT
 step "benchmarks"
 "$PY" benchmarks/bench_roi_align.py --device cuda --out "$OUT/roi_align_cuda.json" > "$OUT/bench_cuda.txt" 2>&1 || status=1
 "$PY" benchmarks/bench_multilevel.py --device cuda --out "$OUT/multilevel_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
+"$PY" benchmarks/bench_nms.py --device cuda --out "$OUT/nms_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
 cat "$OUT/bench_cuda.txt"
 step "done status=$status"
 exit $status

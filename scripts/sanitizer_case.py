@@ -52,6 +52,20 @@ def main():
             if not (torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs)):
                 print("non-finite multilevel result", cl, det)
                 bad += 1
+    # NMS, batched NMS (several mask chunks are not needed for the sanitizer) and Soft-NMS.
+    g = torch.Generator(device="cpu").manual_seed(1)
+    xy = torch.rand(3000, 2, generator=g) * 500
+    boxes = torch.cat([xy, xy + torch.rand(3000, 2, generator=g) * 60 + 1], 1).to(dev)
+    scores = torch.rand(3000, generator=g).to(dev)
+    scores[7] = nan
+    idxs = torch.randint(0, 20, (3000,), generator=g).to(dev)
+    cpu_keep = instseg_ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5)
+    if not torch.equal(instseg_ops.batched_nms(boxes, scores, idxs, 0.5).cpu(), cpu_keep):
+        print("batched_nms differs from the CPU")
+        bad += 1
+    instseg_ops.nms(boxes.half(), scores.half(), 0.5, max_output=100)
+    instseg_ops.soft_nms(boxes[:500], scores[:500], method="gaussian")
+    torch.cuda.synchronize()
     print("sanitizer case done, problems:", bad)
     raise SystemExit(1 if bad else 0)
 
