@@ -35,11 +35,9 @@ The table is printed as it goes; all rows plus metadata are written as JSON to -
 """
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -256,21 +254,9 @@ def main(argv=None):
                 command=" ".join([sys.executable] + sys.argv), image=[base.IMAGE_H, base.IMAGE_W],
                 channels=base.CHANNELS, batch=base.BATCH, featmap_names=FEATMAP_NAMES,
                 strides=list(base.STRIDES.values()), rois_per_image=ROIS_PER_IMAGE, seed=base.SEED)
-    print(f"# torch {meta['torch']}, torchvision {meta['torchvision'] or 'not installed'}, "
-          f"threads {meta['num_threads']}, devices {meta['devices']}", flush=True)
-    print(f"# MultiScaleRoIAlign: {base.BATCH} images x {ROIS_PER_IMAGE} RoIs, C={base.CHANNELS}, "
-          f"levels {FEATMAP_NAMES}", flush=True)
-    print("  ".join(n.rjust(w) for n, w in COLUMNS), flush=True)
-    rows = []
-    t0 = time.perf_counter()
-    for device in devices:
-        run_device(device, args, rows)
-    meta["total_s"] = round(time.perf_counter() - t0, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"# {len(rows)} rows in {meta['total_s']} s, written to {out}", flush=True)
-
+    base.run_all(meta, COLUMNS, devices, run_device, args, out,
+                 headline=f"# MultiScaleRoIAlign: {base.BATCH} images x {ROIS_PER_IMAGE} RoIs, C={base.CHANNELS}, "
+                          f"levels {FEATMAP_NAMES}")
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,6 @@ The table is printed as it goes; all rows plus metadata are written as JSON to -
 """
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -226,21 +225,9 @@ def main(argv=None):
                 command=" ".join([sys.executable] + sys.argv), image=[IMAGE_W, IMAGE_H],
                 boxes_per_object=BOXES_PER_OBJECT, iou_threshold=args.iou, max_tv_seconds=args.max_tv_seconds,
                 slow_tv_seconds=SLOW_TV_S, seed=SEED)
-    print(f"# torch {meta['torch']}, torchvision {meta['torchvision'] or 'not installed'}, "
-          f"threads {meta['num_threads']}, devices {meta['devices']}", flush=True)
-    print(f"# NMS: {IMAGE_W}x{IMAGE_H} image, N/{BOXES_PER_OBJECT} objects, IoU {args.iou:g}; "
-          f"categories 0 = nms, C > 0 = batched_nms", flush=True)
-    print("  ".join(n.rjust(w) for n, w in COLUMNS), flush=True)
-    rows = []
-    t0 = time.perf_counter()
-    for device in devices:
-        run_device(device, args, rows)
-    meta["total_s"] = round(time.perf_counter() - t0, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"# {len(rows)} rows in {meta['total_s']} s, written to {out}", flush=True)
-
+    base.run_all(meta, COLUMNS, devices, run_device, args, out,
+                 headline=f"# NMS: {IMAGE_W}x{IMAGE_H} image, N/{BOXES_PER_OBJECT} objects, IoU {args.iou:g}; "
+                          f"categories 0 = nms, C > 0 = batched_nms")
 
 if __name__ == "__main__":
     main()

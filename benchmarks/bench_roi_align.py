@@ -307,9 +307,16 @@ def main(argv=None):
                 num_threads=torch.get_num_threads(), command=" ".join([sys.executable] + sys.argv),
                 image=[IMAGE_H, IMAGE_W], channels=CHANNELS, batch=BATCH, strides=list(STRIDES.values()),
                 seed=SEED)
+    run_all(meta, COLUMNS, devices, run_device, args, out)
+
+
+def run_all(meta, columns, devices, run_device, args, out, headline=None):
+    """Shared by the benchmark scripts: header, run_device per device, JSON with meta and rows."""
     print(f"# torch {meta['torch']}, torchvision {meta['torchvision'] or 'not installed'}, "
           f"threads {meta['num_threads']}, devices {meta['devices']}", flush=True)
-    print("  ".join(n.rjust(w) for n, w in COLUMNS), flush=True)
+    if headline:
+        print(headline, flush=True)
+    print("  ".join(n.rjust(w) for n, w in columns), flush=True)
     rows = []
     t0 = time.perf_counter()
     for device in devices:

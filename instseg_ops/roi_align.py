@@ -5,7 +5,7 @@ arguments, same numbers) that also takes float16/bfloat16 natively, keeps
 channels_last inputs in place, never reads out of bounds on bad boxes and has a
 deterministic CUDA backward.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn

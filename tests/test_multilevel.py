@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from conftest import cuda_available, requires_cuda
+from conftest import requires_cuda
 from instseg_ops import MultiScaleRoIAlign, assign_levels, multilevel_roi_align, roi_align
 from roi_utils import as_layout, random_rois
 

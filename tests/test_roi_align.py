@@ -3,13 +3,10 @@
 Every comparison draws fresh random inputs (see the `seed` fixture) and checks
 every element.
 """
-import math
-
 import pytest
 import torch
 from torch.library import opcheck
 
-import instseg_ops
 from instseg_ops import RoIAlign, roi_align
 from instseg_ops.reference import roi_align_reference
 from roi_utils import as_layout, random_rois
