@@ -297,3 +297,20 @@ def test_soft_nms_cuda_matches_cpu(seed, method, n):
     keep_g, kept_g = soft_nms(boxes.cuda(), scores.cuda(), 0.3, 0.5, 0.01, method)
     assert torch.equal(keep_g.cpu(), keep)
     torch.testing.assert_close(kept_g.cpu(), kept, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_with_data_dependent_output(seed):
+    class M(torch.nn.Module):
+        def forward(self, b, s, i):
+            keep = batched_nms(b, s, i, 0.5)
+            return b[keep]
+
+    boxes, scores = random_boxes(200, size=300.0)
+    idxs = torch.randint(0, 5, (200,))
+    ep = torch.export.export(M(), (boxes, scores, idxs))
+    boxes2, scores2 = random_boxes(200, size=150.0)  # same size, other values: another number kept
+    idxs2 = torch.randint(0, 5, (200,))
+    torch.testing.assert_close(ep.module()(boxes, scores, idxs), M()(boxes, scores, idxs))
+    expected = M()(boxes2, scores2, idxs2)
+    assert expected.shape[0] != M()(boxes, scores, idxs).shape[0]
+    torch.testing.assert_close(ep.module()(boxes2, scores2, idxs2), expected)
