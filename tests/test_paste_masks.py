@@ -1,0 +1,129 @@
+"""Mask pasting on the CPU: torchvision mode, aligned (detectron2) mode, threshold, properties."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from instseg_ops import paste_masks
+
+try:
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+except ImportError:
+    paste_masks_in_image = None
+
+needs_torchvision = pytest.mark.skipif(paste_masks_in_image is None, reason="torchvision not installed")
+
+
+def grid_sample_reference(masks, boxes, h, w):
+    """detectron2's pasting, from its description: pixel centres (+0.5) mapped into each box,
+    sampled with grid_sample(align_corners=False, zeros outside)."""
+    x0, y0, x1, y1 = (boxes[:, i:i + 1].float() for i in range(4))
+    gy = ((torch.arange(h, dtype=torch.float32) + 0.5) - y0) / (y1 - y0) * 2 - 1
+    gx = ((torch.arange(w, dtype=torch.float32) + 0.5) - x0) / (x1 - x0) * 2 - 1
+    n = boxes.shape[0]
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], dim=3)
+    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0]
+
+
+def random_case(n=30, m=28, h=120, w=160, tiny=False):
+    masks = torch.rand(n, m, m)
+    xy = torch.rand(n, 2) * torch.tensor([w + 40.0, h + 40.0]) - 20  # some partly outside
+    wh = torch.rand(n, 2) * (3 if tiny else 200) + 0.1
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    return masks, boxes
+
+
+@needs_torchvision
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("m", [1, 7, 28])
+def test_matches_torchvision(seed, padding, tiny, m):
+    masks, boxes = random_case(m=m, tiny=tiny)
+    out = paste_masks(masks, boxes, (120, 160), padding)
+    for i in range(masks.shape[0]):
+        try:
+            ref = paste_masks_in_image(masks[i:i + 1, None], boxes[i:i + 1], (120, 160), padding)[0, 0]
+        except RuntimeError:  # torchvision fails on boxes wholly outside the image; ours pastes nothing
+            assert (out[i] == 0).all()
+            continue
+        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=2e-6)
+    assert torch.equal(paste_masks(masks[:, None], boxes, (120, 160), padding), out)
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_aligned_mode_matches_grid_sample_reference(seed, tiny):
+    masks, boxes = random_case(tiny=tiny)
+    out = paste_masks(masks, boxes, (120, 160), aligned=True)
+    torch.testing.assert_close(out, grid_sample_reference(masks, boxes, 120, 160), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_threshold_is_exactly_greater_or_equal(seed, aligned, dtype):
+    masks, boxes = random_case()
+    masks = masks.to(dtype)
+    prob = paste_masks(masks, boxes, (120, 160), aligned=aligned)
+    assert prob.dtype == dtype
+    for t in (0.0, 0.3, 0.5):
+        binary = paste_masks(masks, boxes, (120, 160), threshold=t, aligned=aligned)
+        assert binary.dtype == torch.bool
+        # >= on the float value before rounding to dtype: compare with the float32 canvas.
+        ref = paste_masks(masks.float(), boxes, (120, 160), aligned=aligned) >= t
+        assert torch.equal(binary, ref)
+
+
+def test_ones_mask_pastes_exactly_its_clipped_integer_box(seed):
+    for _ in range(20):
+        x0, y0 = torch.randint(-10, 100, (2,)).tolist()
+        bw, bh = torch.randint(1, 80, (2,)).tolist()
+        box = torch.tensor([[x0, y0, x0 + bw, y0 + bh]], dtype=torch.float32)
+        out = paste_masks(torch.ones(1, 16, 16), box, (90, 110), padding=0)[0]
+        ref = torch.zeros(90, 110)
+        ref[max(y0, 0):min(y0 + bh + 1, 90), max(x0, 0):min(x0 + bw + 1, 110)] = 1
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_translation_and_flip(seed, aligned):
+    masks = torch.rand(5, 14, 14)
+    boxes = torch.rand(5, 2) * 40 + 20
+    boxes = torch.cat([boxes, boxes + torch.rand(5, 2) * 30 + 2], dim=1)
+    out = paste_masks(masks, boxes, (100, 120), aligned=aligned)
+    dy, dx = 7, 11
+    moved = paste_masks(masks, boxes + torch.tensor([dx, dy, dx, dy]), (100, 120), aligned=aligned)
+    # Float coordinates near 100 round differently once shifted: a few ulps of difference.
+    torch.testing.assert_close(moved[:, dy:, dx:], out[:, :100 - dy, :120 - dx], rtol=1e-4, atol=1e-5)
+    if aligned:  # mirror in x: x -> W - x maps the box [x0, x1] to [W - x1, W - x0]
+        flipped_boxes = torch.stack([120 - boxes[:, 2], boxes[:, 1], 120 - boxes[:, 0], boxes[:, 3]], dim=1)
+        flipped = paste_masks(masks.flip(-1), flipped_boxes, (100, 120), aligned=True)
+        torch.testing.assert_close(flipped, out.flip(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_bad_and_nonfinite_inputs():
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 20)).shape == (0, 10, 20)
+    masks, boxes = random_case(n=3)
+    boxes[1, 2] = float("nan")
+    boxes[2] = torch.tensor([-500.0, -500.0, -400.0, -400.0])  # wholly above/left: nothing
+    out = paste_masks(masks, boxes, (120, 160))
+    assert (out[1] == 0).all() and (out[2] == 0).all()
+    assert (paste_masks(masks, boxes, (120, 160), aligned=True)[1] == 0).all()
+    with pytest.raises(RuntimeError, match="one box per mask"):
+        paste_masks(masks, boxes[:2], (10, 10))
+    with pytest.raises(RuntimeError, match=r"Tensor\[N, M, M\]"):
+        paste_masks(masks[:, :, :5], boxes, (10, 10))
+    with pytest.raises(RuntimeError, match="negative image size"):
+        paste_masks(masks, boxes, (-1, 10))
+    with pytest.raises(ValueError, match="masks must be"):
+        paste_masks(masks[:, None].expand(3, 2, 28, 28), boxes, (10, 10))
+
+
+def test_opcheck_and_compile(seed):
+    masks, boxes = random_case(n=4)
+    opcheck(torch.ops.instseg.paste_masks.default, (masks, boxes, 50, 60, 1, None, False))
+    opcheck(torch.ops.instseg.paste_masks.default, (masks, boxes, 50, 60, 1, 0.5, True))
+    torch._dynamo.reset()
+
+    def f(m, b):
+        return paste_masks(m, b, (50, 60), threshold=0.5).sum()
+
+    assert torch.compile(f, fullgraph=True, backend="aot_eager")(masks, boxes) == f(masks, boxes)
