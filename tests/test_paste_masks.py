@@ -79,7 +79,8 @@ def test_ones_mask_pastes_exactly_its_clipped_integer_box(seed):
         box = torch.tensor([[x0, y0, x0 + bw, y0 + bh]], dtype=torch.float32)
         out = paste_masks(torch.ones(1, 16, 16), box, (90, 110), padding=0)[0]
         ref = torch.zeros(90, 110)
-        ref[max(y0, 0):min(y0 + bh + 1, 90), max(x0, 0):min(x0 + bw + 1, 110)] = 1
+        ye, xe = max(min(y0 + bh + 1, 90), 0), max(min(x0 + bw + 1, 110), 0)  # no negative slice ends
+        ref[max(y0, 0):ye, max(x0, 0):xe] = 1
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
