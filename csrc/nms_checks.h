@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "tensor_utils.h"
+
 #include <cmath>
 #include <optional>
 

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "tensor_utils.h"
+
 #include <vector>
 
 namespace instseg {
@@ -97,8 +99,7 @@ inline void check_multilevel_args(at::TensorList features, const at::Tensor& roi
 inline std::vector<at::Tensor> same_layout(at::TensorList features, bool channels_last) {
   std::vector<at::Tensor> out;
   for (const at::Tensor& f : features)
-    out.push_back(f.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
-                                             : at::MemoryFormat::Contiguous));
+    out.push_back(f.contiguous(memory_format(channels_last)));
   return out;
 }
 

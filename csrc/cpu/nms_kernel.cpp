@@ -121,7 +121,7 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                    std::optional<double> score_threshold) {
   check_nms_args(boxes, scores, idxs, iou_threshold);
   TORCH_CHECK(boxes.device().is_cpu(), "nms: CPU kernel got ", boxes.device(), " boxes");
-  const at::ScalarType acc = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(boxes.scalar_type());
   const at::Tensor b = boxes.to(acc).contiguous();
   const at::Tensor s = scores.to(acc).contiguous();
   at::Tensor cats;

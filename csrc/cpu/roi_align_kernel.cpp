@@ -114,14 +114,6 @@ std::vector<RoiTables<acc_t>> build_all_tables(const acc_t* rois, const int64_t*
   return tables;
 }
 
-bool use_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Raises for a batch index outside [0, batch_size) (torchvision reads out of
 // bounds there). Non-finite coordinates are not an error: such RoIs give zeros.
 template <typename T>
@@ -286,9 +278,8 @@ at::Tensor forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& 
                         bool aligned, bool cl) {
   const at::Tensor& f0 = feats[0];
   const int64_t N = f0.size(0), C = f0.size(1), K = rois.size(0);
-  at::Tensor out = at::empty({K, C, pooled_height, pooled_width},
-                             f0.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous));
+  at::Tensor out =
+      at::empty({K, C, pooled_height, pooled_width}, f0.options().memory_format(memory_format(cl)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -531,7 +522,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
                                       int64_t N, int64_t C, int64_t pooled_height,
                                       int64_t pooled_width, int64_t sampling_ratio, bool aligned,
                                       bool channels_last) {
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = memory_format(channels_last);
   const int64_t K = rois.size(0);
   std::vector<at::Tensor> gins;
   for (const Level& l : lv) gins.push_back(at::empty({N, C, l.H, l.W}, grad.options().memory_format(fmt)));

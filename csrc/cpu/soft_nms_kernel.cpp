@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
                                                 double score_threshold, int64_t method) {
   check_soft_nms_args(boxes, scores, iou_threshold, sigma, score_threshold, method);
   TORCH_CHECK(boxes.device().is_cpu(), "soft_nms: CPU kernel got ", boxes.device(), " boxes");
-  const at::ScalarType acc = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(boxes.scalar_type());
   const at::Tensor b = boxes.to(acc).contiguous();
   const at::Tensor s = scores.to(acc).contiguous();
   at::Tensor keep, kept_scores;

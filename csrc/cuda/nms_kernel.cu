@@ -210,7 +210,7 @@ at::Tensor nms_cuda(const at::Tensor& boxes_, const at::Tensor& scores_,
     return at::empty({0}, boxes_.options().dtype(at::kLong));
   }
   // IoU in float32 (float64 for float64 boxes).
-  const at::ScalarType acc = boxes_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(boxes_.scalar_type());
   const at::Tensor boxes = boxes_.to(acc).contiguous();
   const at::Tensor scores = scores_.to(acc).contiguous();
   at::Tensor out;

@@ -46,14 +46,6 @@ inline unsigned int num_blocks(int64_t total) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(b, 1), int64_t(1) << 20));
 }
 
-bool use_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Raises for a batch index outside [0, batch_size). One small device-to-host
 // copy; skipped while the stream is being captured into a CUDA graph, where
 // the kernels still treat such RoIs as empty instead of reading out of bounds.
@@ -349,9 +341,8 @@ at::Tensor forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& 
                         bool aligned, bool cl) {
   const at::Tensor& f0 = feats[0];
   const int64_t N = f0.size(0), C = f0.size(1), K = rois.size(0);
-  at::Tensor out = at::empty({K, C, pooled_height, pooled_width},
-                             f0.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous));
+  at::Tensor out =
+      at::empty({K, C, pooled_height, pooled_width}, f0.options().memory_format(memory_format(cl)));
   const int64_t total = out.numel();
   if (total == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -382,7 +373,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
                                       int64_t N, int64_t C, int64_t pooled_height,
                                       int64_t pooled_width, int64_t sampling_ratio, bool aligned,
                                       bool channels_last, bool deterministic) {
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = memory_format(channels_last);
   const int64_t K = rois.size(0);
   std::vector<at::Tensor> gins;
   if (K == 0 || N == 0 || C == 0) {

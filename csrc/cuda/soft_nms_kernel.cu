@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes_, const
   TORCH_CHECK(boxes_.is_cuda(), "soft_nms: CUDA kernel got ", boxes_.device(), " boxes");
   c10::cuda::OptionalCUDAGuard guard(boxes_.device());
   const int64_t n = boxes_.size(0);
-  const at::ScalarType acc = boxes_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(boxes_.scalar_type());
   if (n == 0) {
     return {at::empty({0}, boxes_.options().dtype(at::kLong)), at::empty({0}, scores_.options())};
   }
