@@ -34,9 +34,7 @@ The table is printed as it goes; all rows plus metadata are written as JSON to -
 (default benchmarks/out/multilevel_<device>.json).
 """
 import argparse
-import datetime
 import os
-import subprocess
 import sys
 
 import torch
@@ -198,19 +196,6 @@ def print_row(row):
     print("  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS)), flush=True)
 
 
-def git_commit():
-    """(commit, dirty) of the checkout this runs from, or (None, None) outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        return commit, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-
-
 def parse_args(argv=None):
     csv = lambda s: [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -243,17 +228,11 @@ def main(argv=None):
         sys.exit("--device cuda: CUDA is not available or instseg_ops was built without CUDA kernels")
     if args.device == "all" and not cuda_ok:
         base.note("CUDA not available (or instseg_ops built without CUDA kernels): CPU only")
-    devices = ["cpu", "cuda"] if args.device in (None, "all") and cuda_ok else (
-        ["cpu"] if args.device in (None, "all") else [args.device])
+    devices = base.devices_for(args.device, cuda_ok)
     out = args.out or os.path.join("benchmarks", "out", f"multilevel_{'_'.join(devices)}.json")
-    commit, dirty = git_commit()
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, torchvision=getattr(torchvision, "__version__", None),
-                instseg_ops=instseg_ops.__version__, commit=commit, dirty=dirty,
-                devices={d: base.device_name(d) for d in devices}, num_threads=torch.get_num_threads(),
-                command=" ".join([sys.executable] + sys.argv), image=[base.IMAGE_H, base.IMAGE_W],
-                channels=base.CHANNELS, batch=base.BATCH, featmap_names=FEATMAP_NAMES,
-                strides=list(base.STRIDES.values()), rois_per_image=ROIS_PER_IMAGE, seed=base.SEED)
+    meta = dict(base.common_meta(devices), image=[base.IMAGE_H, base.IMAGE_W], channels=base.CHANNELS,
+                batch=base.BATCH, featmap_names=FEATMAP_NAMES, strides=list(base.STRIDES.values()),
+                rois_per_image=ROIS_PER_IMAGE, seed=base.SEED)
     base.run_all(meta, COLUMNS, devices, run_device, args, out,
                  headline=f"# MultiScaleRoIAlign: {base.BATCH} images x {ROIS_PER_IMAGE} RoIs, C={base.CHANNELS}, "
                           f"levels {FEATMAP_NAMES}")

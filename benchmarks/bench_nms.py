@@ -34,7 +34,6 @@ The table is printed as it goes; all rows plus metadata are written as JSON to -
 (default benchmarks/out/nms_<device>.json).
 """
 import argparse
-import datetime
 import math
 import os
 import sys
@@ -44,7 +43,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_roi_align as base  # noqa: E402  timing, device name, note/fmt helpers
-from bench_multilevel import git_commit  # noqa: E402
 
 import instseg_ops  # noqa: E402
 
@@ -211,20 +209,13 @@ def main(argv=None):
     args = parse_args(argv)
     cuda_ok = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("instseg::nms", "CUDA")
     if args.device in ("cuda", "all") and not cuda_ok:
-        base.note("CUDA skipped: CUDA is not available or instseg::nms has no CUDA kernel yet")
+        base.note("CUDA skipped: CUDA is not available or instseg_ops was built without CUDA kernels")
     if args.device == "cuda" and not cuda_ok:
         return
-    devices = ["cpu", "cuda"] if args.device in (None, "all") and cuda_ok else (
-        ["cpu"] if args.device in (None, "all") else [args.device])
+    devices = base.devices_for(args.device, cuda_ok)
     out = args.out or os.path.join("benchmarks", "out", f"nms_{'_'.join(devices)}.json")
-    commit, dirty = git_commit()
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, torchvision=getattr(torchvision, "__version__", None),
-                instseg_ops=instseg_ops.__version__, commit=commit, dirty=dirty,
-                devices={d: base.device_name(d) for d in devices}, num_threads=torch.get_num_threads(),
-                command=" ".join([sys.executable] + sys.argv), image=[IMAGE_W, IMAGE_H],
-                boxes_per_object=BOXES_PER_OBJECT, iou_threshold=args.iou, max_tv_seconds=args.max_tv_seconds,
-                slow_tv_seconds=SLOW_TV_S, seed=SEED)
+    meta = dict(base.common_meta(devices), image=[IMAGE_W, IMAGE_H], boxes_per_object=BOXES_PER_OBJECT,
+                iou_threshold=args.iou, max_tv_seconds=args.max_tv_seconds, slow_tv_seconds=SLOW_TV_S, seed=SEED)
     base.run_all(meta, COLUMNS, devices, run_device, args, out,
                  headline=f"# NMS: {IMAGE_W}x{IMAGE_H} image, N/{BOXES_PER_OBJECT} objects, IoU {args.iou:g}; "
                           f"categories 0 = nms, C > 0 = batched_nms")

@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -298,16 +299,41 @@ def main(argv=None):
         sys.exit("--device cuda: CUDA is not available or instseg_ops was built without CUDA kernels")
     if args.device == "all" and not cuda_ok:
         note("CUDA not available (or instseg_ops built without CUDA kernels): CPU only")
-    devices = ["cpu", "cuda"] if args.device in (None, "all") and cuda_ok else (
-        ["cpu"] if args.device in (None, "all") else [args.device])
+    devices = devices_for(args.device, cuda_ok)
     out = args.out or os.path.join("benchmarks", "out", f"roi_align_{'_'.join(devices)}.json")
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, torchvision=getattr(torchvision, "__version__", None),
-                instseg_ops=instseg_ops.__version__, devices={d: device_name(d) for d in devices},
-                num_threads=torch.get_num_threads(), command=" ".join([sys.executable] + sys.argv),
-                image=[IMAGE_H, IMAGE_W], channels=CHANNELS, batch=BATCH, strides=list(STRIDES.values()),
-                seed=SEED)
+    meta = dict(common_meta(devices), image=[IMAGE_H, IMAGE_W], channels=CHANNELS, batch=BATCH,
+                strides=list(STRIDES.values()), seed=SEED)
     run_all(meta, COLUMNS, devices, run_device, args, out)
+
+
+def git_commit():
+    """(commit, dirty) of the checkout this runs from, or (None, None) outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def devices_for(device_arg, cuda_ok):
+    """Devices to run: --device cpu|cuda, or both (None/all) when CUDA is usable."""
+    if device_arg in (None, "all"):
+        return ["cpu", "cuda"] if cuda_ok else ["cpu"]
+    return [device_arg]
+
+
+def common_meta(devices):
+    """Metadata every benchmark records: when, what code, which libraries and devices, how run."""
+    commit, dirty = git_commit()
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, torchvision=getattr(torchvision, "__version__", None),
+                instseg_ops=instseg_ops.__version__, commit=commit, dirty=dirty,
+                devices={d: device_name(d) for d in devices}, num_threads=torch.get_num_threads(),
+                command=" ".join([sys.executable] + sys.argv))
 
 
 def run_all(meta, columns, devices, run_device, args, out, headline=None):
