@@ -185,15 +185,7 @@ def run_device(device, args, rows):
                     row.update(time_det_backward(feats, boxes, grad, size, device, warmup, repeats))
                 row["speedup"] = row["tv_ms"] / row["ours_ms"] if row["tv_ms"] else None
                 rows.append(row)
-                print_row(row)
-
-
-def print_row(row):
-    cells = [row["device"], row["dtype"], row["layout"], str(row["num_rois"]),
-             f"{row['output_size']}x{row['output_size']}", row["pass"], base.fmt(row["ours_ms"], ".2f"),
-             base.fmt(row.get("tv_ms"), ".2f"), base.fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else ""),
-             base.fmt(row["max_abs_diff"], ".1e"), base.fmt(row["det_ratio"], ".2f") if "det_ratio" in row else "-"]
-    print("  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS)), flush=True)
+                base.print_row(row, COLUMNS)
 
 
 def parse_args(argv=None):

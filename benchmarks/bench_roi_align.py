@@ -260,12 +260,13 @@ def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def print_row(row):
+def print_row(row, columns=None):
+    """One table row of a RoIAlign benchmark (also used by bench_multilevel with its columns)."""
     cells = [row["device"], row["dtype"], row["layout"], str(row["num_rois"]),
              f"{row['output_size']}x{row['output_size']}", row["pass"], fmt(row["ours_ms"], ".2f"),
              fmt(row.get("tv_ms"), ".2f"), fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else ""),
              fmt(row["max_abs_diff"], ".1e"), fmt(row["det_ratio"], ".2f") if "det_ratio" in row else "-"]
-    print("  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS)), flush=True)
+    print("  ".join(c.rjust(w) for c, (_, w) in zip(cells, columns or COLUMNS)), flush=True)
 
 
 def parse_args(argv=None):
