@@ -1,5 +1,7 @@
-// Schema of mask pasting. Kernels: csrc/cpu/paste_masks_kernel.cpp. Python
-// wrapper and fake kernel: instseg_ops/paste_masks.py.
+// Schemas of mask pasting. Kernels: csrc/cpu/paste_masks_kernel.cpp and
+// csrc/cuda/paste_masks_kernel.cu; geometry shared by both:
+// csrc/paste_masks_common.h. Python wrappers and fake kernels:
+// instseg_ops/paste_masks.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(instseg, m) {
@@ -13,4 +15,12 @@ TORCH_LIBRARY_FRAGMENT(instseg, m) {
   m.def(
       "paste_masks(Tensor masks, Tensor boxes, int image_height, int image_width, int padding, "
       "float? threshold, bool aligned) -> Tensor");
+  // The same values without the canvases: each mask only over its region, the
+  // clipped pixels [y0, y1) x [x0, x1) it may write (all other pixels of its
+  // canvas are 0). Returns (data, regions, offsets): regions int64 [N, 4]
+  // (x0, y0, x1, y1), offsets int64 [N + 1], and data 1-D with mask n's region
+  // in row-major order at data[offsets[n]:offsets[n + 1]].
+  m.def(
+      "paste_masks_crops(Tensor masks, Tensor boxes, int image_height, int image_width, int padding, "
+      "float? threshold, bool aligned) -> (Tensor, Tensor, Tensor)");
 }

@@ -9,7 +9,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 from . import _C  # noqa: F401  registers torch.ops.instseg.*
 from .multilevel import MultiScaleRoIAlign, assign_levels, multilevel_roi_align
 from .nms import batched_nms, nms, soft_nms
-from .paste_masks import paste_masks
+from .paste_masks import crops_to_canvas, paste_masks, paste_masks_crops
 from .roi_align import RoIAlign, roi_align
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ def cuda_built() -> bool:
 
 __all__ = [
     "roi_align", "RoIAlign", "multilevel_roi_align", "assign_levels", "MultiScaleRoIAlign", "nms", "batched_nms", "soft_nms", "paste_masks",
+    "paste_masks_crops", "crops_to_canvas",
     "cuda_built",
     "__version__",
 ]

@@ -1,5 +1,5 @@
-"""Pasting per-RoI masks into image canvases (CPU kernel; CUDA kernel to come)."""
-from typing import Optional, Tuple
+"""Pasting per-RoI masks into image canvases, or into crops of them (CPU and CUDA kernels)."""
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,13 +16,61 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], paddi
     zeros outside the mask). With ``threshold`` the result is bool ``value >= threshold`` and no
     float canvas is allocated. Boxes with a non-finite coordinate paste nothing.
     """
+    masks = _squeeze_channel(masks)
+    h, w = int(image_size[0]), int(image_size[1])
+    return torch.ops.instseg.paste_masks(masks, boxes, h, w, int(padding),
+                                         None if threshold is None else float(threshold), bool(aligned))
+
+
+def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], padding: int = 1,
+                      threshold: Optional[float] = None, aligned: bool = False) -> Tuple[List[Tensor], Tensor]:
+    """Like :func:`paste_masks`, without the N x H x W canvases.
+
+    Returns ``(crops, regions)``: ``regions`` is an int64 Tensor[N, 4] ``(x0, y0, x1, y1)``,
+    the clipped pixels ``[y0, y1) x [x0, x1)`` mask ``n`` may write, and ``crops[n]`` is
+    Tensor[y1 - y0, x1 - x0] with exactly the values of ``paste_masks(...)[n, y0:y1, x0:x1]``;
+    every pixel outside the region is 0 there. An empty region is ``(0, 0, 0, 0)`` with a
+    0 x 0 crop. Memory is the sum of the regions' areas (in torchvision mode: the clipped
+    integer boxes), so hundreds of masks on a 12-megapixel image stay small. The crops are
+    views into one buffer; on CUDA the call synchronises once (for the buffer's size).
+    """
+    masks = _squeeze_channel(masks)
+    h, w = int(image_size[0]), int(image_size[1])
+    data, regions, offsets = torch.ops.instseg.paste_masks_crops(
+        masks, boxes, h, w, int(padding), None if threshold is None else float(threshold), bool(aligned))
+    sizes = (regions[:, 3] - regions[:, 1]).tolist(), (regions[:, 2] - regions[:, 0]).tolist()
+    starts = offsets.tolist()
+    crops = [data[starts[i]:starts[i + 1]].view(hh, ww) for i, (hh, ww) in enumerate(zip(*sizes))]
+    return crops, regions
+
+
+def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """Assembles ``paste_masks_crops`` output into Tensor[N, H, W] canvases (zeros elsewhere)."""
+    h, w = int(image_size[0]), int(image_size[1])
+    dtype = crops[0].dtype if crops else torch.float32
+    out = torch.zeros((len(crops), h, w), dtype=dtype, device=regions.device)
+    for n, (x0, y0, x1, y1) in enumerate(regions.tolist()):
+        out[n, y0:y1, x0:x1] = crops[n]
+    return out
+
+
+def _squeeze_channel(masks: Tensor) -> Tensor:
     if masks.dim() == 4:
         if masks.shape[1] != 1:
             raise ValueError(f"paste_masks: masks must be Tensor[N, M, M] or [N, 1, M, M], got {tuple(masks.shape)}")
         masks = masks[:, 0]
-    h, w = int(image_size[0]), int(image_size[1])
-    return torch.ops.instseg.paste_masks(masks, boxes, h, w, int(padding),
-                                         None if threshold is None else float(threshold), bool(aligned))
+    return masks
+
+
+@torch.library.register_fake("instseg::paste_masks_crops")
+def _paste_masks_crops_fake(masks, boxes, image_height, image_width, padding, threshold, aligned):
+    torch._check(masks.dim() == 3, lambda: "paste_masks: masks must be a Tensor[N, M, M]")
+    torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "paste_masks: boxes must be a Tensor[N, 4]")
+    dtype = torch.bool if threshold is not None else masks.dtype
+    total = torch.library.get_ctx().new_dynamic_size()
+    n = masks.shape[0]
+    return (masks.new_empty((total,), dtype=dtype), masks.new_empty((n, 4), dtype=torch.long),
+            masks.new_empty((n + 1,), dtype=torch.long))
 
 
 @torch.library.register_fake("instseg::paste_masks")

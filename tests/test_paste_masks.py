@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-from instseg_ops import paste_masks
+from instseg_ops import paste_masks, paste_masks_crops
 
 try:
     from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -128,3 +128,46 @@ def test_opcheck_and_compile(seed):
         return paste_masks(m, b, (50, 60), threshold=0.5).sum()
 
     assert torch.compile(f, fullgraph=True, backend="aot_eager")(masks, boxes) == f(masks, boxes)
+
+
+@needs_torchvision
+def test_huge_boxes_match_torchvision(seed):
+    masks = torch.rand(4, 28, 28)
+    boxes = torch.tensor([[-900.0, -700.0, 1100.0, 900.0], [50.0, -1500.0, 60.0, 1600.0],
+                          [-2000.0, 30.0, 2100.0, 40.0], [10.0, 10.0, 2000.0, 1500.0]])
+    boxes += torch.rand(4, 4)
+    out = paste_masks(masks, boxes, (120, 160))
+    for i in range(4):
+        ref = paste_masks_in_image(masks[i:i + 1, None], boxes[i:i + 1], (120, 160), 1)[0, 0]
+        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_every_crop_element_is_written(seed, aligned):
+    # fill_uninitialized_memory poisons the crop buffer (NaN) before the kernel runs.
+    masks, boxes = random_case()
+    canvas = paste_masks(masks, boxes, (120, 160), aligned=aligned)
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        crops, regions = paste_masks_crops(masks, boxes, (120, 160), aligned=aligned)
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+    for n, (x0, y0, x1, y1) in enumerate(regions.tolist()):
+        assert not crops[n].isnan().any()
+        assert torch.equal(crops[n], canvas[n, y0:y1, x0:x1])
+
+
+def test_large_canvas_is_zero_outside_the_boxes(seed):
+    # Large outputs come from lazily zeroed memory: check every element.
+    masks, boxes = random_case(n=8, h=1000, w=1200)
+    out = paste_masks(masks, boxes, (1000, 1200))  # 38 MB: the lazy path
+    crops, regions = paste_masks_crops(masks, boxes, (1000, 1200))
+    inside = torch.zeros_like(out, dtype=torch.bool)
+    for n, (x0, y0, x1, y1) in enumerate(regions.tolist()):
+        inside[n, y0:y1, x0:x1] = True
+        assert torch.equal(out[n, y0:y1, x0:x1], crops[n])
+    assert (out[~inside] == 0).all()
+    assert (out.clone() == out).all()

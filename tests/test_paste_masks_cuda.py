@@ -1,0 +1,97 @@
+"""Mask pasting on CUDA: the same bits as the CPU kernel, streams, devices, graphs, compile."""
+import pytest
+import torch
+
+from conftest import requires_cuda
+from instseg_ops import paste_masks, paste_masks_crops
+from test_paste_masks import random_case
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.5])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_cuda_matches_cpu_bitwise(seed, dtype, aligned, threshold, tiny):
+    masks, boxes = random_case(n=40, m=28, tiny=tiny)
+    masks = masks.to(dtype)
+    boxes[3] = torch.tensor([-1e7, -1e7, 1e7, 1e7])  # huge box
+    boxes[5, 1] = float("nan")
+    for padding in (0, 1, 3):
+        want = paste_masks(masks, boxes, (120, 160), padding, threshold, aligned)
+        got = paste_masks(masks.cuda(), boxes.cuda(), (120, 160), padding, threshold, aligned)
+        assert got.device.type == "cuda" and got.dtype == want.dtype
+        assert torch.equal(got.cpu(), want)
+        crops, regions = paste_masks_crops(masks.cuda(), boxes.cuda(), (120, 160), padding, threshold, aligned)
+        want_crops, want_regions = paste_masks_crops(masks, boxes, (120, 160), padding, threshold, aligned)
+        assert torch.equal(regions.cpu(), want_regions)
+        for a, b in zip(crops, want_crops):
+            assert torch.equal(a.cpu(), b)
+
+
+def test_empty_and_bad_inputs_cuda():
+    empty = paste_masks(torch.zeros(0, 28, 28, device="cuda"), torch.zeros(0, 4, device="cuda"), (10, 20))
+    assert empty.shape == (0, 10, 20) and empty.is_cuda
+    crops, regions = paste_masks_crops(torch.zeros(0, 28, 28, device="cuda"), torch.zeros(0, 4, device="cuda"),
+                                       (10, 20))
+    assert crops == [] and regions.shape == (0, 4)
+    assert paste_masks(torch.rand(3, 5, 5, device="cuda"), torch.rand(3, 4, device="cuda"), (0, 7)).shape == (3, 0, 7)
+    with pytest.raises(RuntimeError, match="but boxes are on"):
+        paste_masks(torch.rand(2, 5, 5, device="cuda"), torch.rand(2, 4), (10, 10))
+
+
+def test_runs_on_current_stream(seed):
+    masks, boxes = random_case()
+    ref = paste_masks(masks.cuda(), boxes.cuda(), (120, 160))
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = paste_masks(masks.cuda(), boxes.cuda(), (120, 160))
+    s.synchronize()
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_inputs_device(seed):
+    masks, boxes = random_case()
+    with torch.cuda.device(0):
+        out = paste_masks(masks.to("cuda:1"), boxes.to("cuda:1"), (120, 160), threshold=0.5)
+    assert out.device == torch.device("cuda:1")
+    assert torch.equal(out.cpu(), paste_masks(masks, boxes, (120, 160), threshold=0.5))
+
+
+def test_cuda_graph_capture_of_the_canvas_form(seed):
+    masks, boxes = random_case()
+    ms, bs = masks.cuda(), boxes.cuda()
+    ref = paste_masks(ms, bs, (120, 160))
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        paste_masks(ms, bs, (120, 160))
+        with torch.cuda.graph(graph):
+            out = paste_masks(ms, bs, (120, 160))
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+def test_torch_compile_cuda(seed):
+    torch._dynamo.reset()
+    masks, boxes = random_case()
+
+    def f(m, b):
+        return paste_masks(m, b, (120, 160), threshold=0.5).sum()
+
+    assert torch.compile(f, fullgraph=True)(masks.cuda(), boxes.cuda()).item() == f(masks, boxes).item()
+
+
+def test_large_canvas_int64_indexing():
+    # N x H x W > 2^31 elements (bool: 2.4 GB): positions past 2^31 must be written.
+    n, h, w = 3, 30000, 30000
+    masks = torch.ones(n, 4, 4, device="cuda")
+    boxes = torch.tensor([[29990.0, 29990.0, 29995.0, 29995.0]] * n, device="cuda")
+    out = paste_masks(masks, boxes, (h, w), padding=0, threshold=0.5)
+    assert out[2, 29990:29996, 29990:29996].all() and out[2].sum().item() == 36
