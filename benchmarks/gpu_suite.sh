@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
-# Writes everything under $OUT (default benchmarks/out/gpu). Meant to finish well
+# Writes everything under $OUT (default benchmarks/out/gpu; 8 files at most). Meant to finish well
 # inside 10 minutes on an H100/H200 with the machine's own torch:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 set -uo pipefail
@@ -19,8 +19,10 @@ step "device"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$OUT/summary.txt"
 
 step "build"
-if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; tail -50 "$OUT/build.log"; exit 1
+build_log=$(mktemp)  # copied to $OUT only on failure: at most 8 files come back from $OUT
+if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$build_log" 2>&1; then
+  cp "$build_log" "$OUT/build.log"
+  echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; tail -50 "$build_log"; exit 1
 fi
 "$PY" -c "import instseg_ops; assert instseg_ops.cuda_built(); print('built with CUDA kernels')" 2>&1 | tee -a "$OUT/summary.txt"
 
@@ -43,6 +45,7 @@ step "benchmarks"
 "$PY" benchmarks/bench_roi_align.py --device cuda --out "$OUT/roi_align_cuda.json" > "$OUT/bench_cuda.txt" 2>&1 || status=1
 "$PY" benchmarks/bench_multilevel.py --device cuda --out "$OUT/multilevel_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
 "$PY" benchmarks/bench_nms.py --device cuda --out "$OUT/nms_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
+"$PY" benchmarks/bench_paste_masks.py --device cuda --out "$OUT/paste_masks_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
 cat "$OUT/bench_cuda.txt"
 step "done status=$status"
 exit $status

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: sets everything up from nothing, then runs the benchmarks
-# (roi_align, multi-level RoIAlign, NMS) against torchvision on the CPU, plus
+# (roi_align, multi-level RoIAlign, NMS, mask pasting) against torchvision on the CPU, plus
 # CUDA when a GPU is present. Results are printed and written as JSON under
 # benchmarks/out/. Extra arguments go to every benchmark (e.g. --quick).
 set -euo pipefail
@@ -9,3 +9,4 @@ source scripts/setup_env.sh
 .venv/bin/python benchmarks/bench_roi_align.py "$@"
 .venv/bin/python benchmarks/bench_multilevel.py "$@"
 .venv/bin/python benchmarks/bench_nms.py "$@"
+.venv/bin/python benchmarks/bench_paste_masks.py "$@"

@@ -1,4 +1,4 @@
-"""A small RoIAlign workload for compute-sanitizer (memcheck / racecheck / initcheck).
+"""A small workload of every CUDA op for compute-sanitizer (memcheck / racecheck / initcheck / synccheck).
 
 Runs forward, default backward and deterministic backward for every dtype and
 layout on a map with odd sizes, boxes partly and wholly outside, degenerate,
@@ -65,6 +65,18 @@ def main():
         bad += 1
     instseg_ops.nms(boxes.half(), scores.half(), 0.5, max_output=100)
     instseg_ops.soft_nms(boxes[:500], scores[:500], method="gaussian")
+    # Mask pasting: both modes, probabilities, threshold and crops, odd sizes, NaN/huge boxes.
+    masks = torch.rand(9, 13, 13, device=dev)
+    pboxes = rois[:, 1:].clone()
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        for aligned in (False, True):
+            for thr in (None, 0.5):
+                canvas = instseg_ops.paste_masks(masks.to(dtype), pboxes, (37, 29), 1, thr, aligned)
+                crops, _ = instseg_ops.paste_masks_crops(masks.to(dtype), pboxes, (37, 29), 1, thr, aligned)
+                ref = instseg_ops.paste_masks(masks.to(dtype).cpu(), pboxes.cpu(), (37, 29), 1, thr, aligned)
+                if not torch.equal(canvas.cpu(), ref):
+                    print("paste_masks differs from the CPU", dtype, aligned, thr)
+                    bad += 1
     torch.cuda.synchronize()
     print("sanitizer case done, problems:", bad)
     raise SystemExit(1 if bad else 0)
