@@ -11,7 +11,8 @@ Peers, in the same run:
   and cover the whole image. The masks are cast to float32 for grid_sample (as the peer does).
 Ours: ``paste_masks`` (probabilities in the masks' dtype, or bool with ``threshold=0.5``, in
 torchvision mode, and ``aligned=True`` for the grid_sample comparison) and ``paste_masks_crops``
-(bool crops of the clipped boxes; no N x H x W tensor).
+(bool crops of the clipped boxes; no N x H x W tensor). ``prob_thp`` repeats ``prob`` with
+INSTSEG_HUGEPAGES=1 (transparent huge pages for the lazily zeroed canvases; off by default).
 
 Cases: 100 masks of 28x28 into 800x1216 and 300 into 3000x4000, float32 and float16 masks.
 Inputs (fixed seed): uniform random probabilities; boxes with centres uniform in the image and
@@ -63,6 +64,7 @@ SLOW_S = 2.0
 # comparison -> (peer method, our method)
 COMPARISONS = {
     "prob": ("tv", "ours"),
+    "prob_thp": ("tv", "ours+thp"),
     "bool": ("tv>=0.5", "ours>=0.5"),
     "bool_aligned": ("grid_sample", "ours_aligned>=0.5"),
     "crops_bool": ("tv>=0.5", "ours_crops>=0.5"),
@@ -123,7 +125,7 @@ def method_fn(name, masks, boxes, h, w):
         return lambda: tv_paste(masks[:, None], boxes, (h, w), 1)[:, 0] >= 0.5
     if name == "grid_sample":
         return lambda: grid_sample_paste(masks, boxes, h, w)
-    if name == "ours":
+    if name in ("ours", "ours+thp"):  # +thp: the same call, run with INSTSEG_HUGEPAGES=1
         return lambda: instseg_ops.paste_masks(masks, boxes, (h, w))
     if name == "ours>=0.5":
         return lambda: instseg_ops.paste_masks(masks, boxes, (h, w), threshold=0.5)
@@ -203,8 +205,9 @@ def worker(spec):
 def run_method(device, case, dtype_name, method, repeats, check=None):
     spec = {"device": device, "case": case, "dtype": dtype_name, "method": method, "repeats": repeats,
             "check": check}
+    env = dict(os.environ, INSTSEG_HUGEPAGES="1" if method.endswith("+thp") else "0")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

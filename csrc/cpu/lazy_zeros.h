@@ -2,11 +2,20 @@
 //
 // A large output that a kernel only partly writes (a mask canvas is mostly
 // background) would otherwise pay twice: a memset pass over all of it, and a
-// page fault per 4 KiB page on first touch of freshly mapped memory. Here large
+// page fault on first touch of every page of freshly mapped memory. Here large
 // tensors come straight from an anonymous mmap: the kernel supplies zero pages
-// on demand (reading an untouched page maps the shared zero page), and the
-// mapping asks for transparent huge pages, which cuts the faults 512-fold where
-// THP is enabled in "madvise" or "always" mode. Small tensors use at::zeros.
+// on demand (reading an untouched page maps the shared zero page), so only the
+// pages a kernel writes are ever faulted in or resident. Small tensors use
+// at::zeros.
+//
+// Environment switches (read once):
+//   INSTSEG_LAZY_ZEROS=0  use at::zeros for every size.
+//   INSTSEG_HUGEPAGES=1   also ask for transparent huge pages (MADV_HUGEPAGE):
+//                         ~2x faster in a tight loop of pastes, but each touched
+//                         2 MiB page becomes resident (4-5x the memory for mask
+//                         canvases) and, measured on our 2-core VM, a paste right
+//                         after other large allocations was slower (the kernel has
+//                         to assemble huge pages). Off by default.
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -19,6 +28,8 @@
 #endif
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace instseg {
 
@@ -34,7 +45,11 @@ class LazyZeroAllocator final : public c10::Allocator {
     void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(base != MAP_FAILED, "instseg: could not map ", nbytes, " bytes for an output tensor");
     const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) / kHugePage * kHugePage;
-    (void)madvise(reinterpret_cast<void*>(aligned), body, MADV_HUGEPAGE);  // a hint; may fail
+    static const bool huge = [] {
+      const char* v = std::getenv("INSTSEG_HUGEPAGES");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    if (huge) (void)madvise(reinterpret_cast<void*>(aligned), body, MADV_HUGEPAGE);  // a hint; may fail
     auto* mapping = new Mapping{base, len};
     return {reinterpret_cast<void*>(aligned), mapping, &release, c10::Device(c10::kCPU)};
   }
@@ -61,9 +76,13 @@ class LazyZeroAllocator final : public c10::Allocator {
 inline at::Tensor lazy_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
 #if defined(__linux__)
   constexpr int64_t kMinBytes = int64_t(8) << 20;
+  static const bool enabled = [] {
+    const char* v = std::getenv("INSTSEG_LAZY_ZEROS");
+    return v == nullptr || std::string(v) != "0";
+  }();
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
-  if (numel * static_cast<int64_t>(c10::elementSize(dtype)) >= kMinBytes) {
+  if (enabled && numel * static_cast<int64_t>(c10::elementSize(dtype)) >= kMinBytes) {
     static LazyZeroAllocator allocator;
     return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                      std::nullopt);

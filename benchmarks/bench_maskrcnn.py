@@ -1,0 +1,186 @@
+"""End-to-end Mask R-CNN inference: instseg_ops.models vs torchvision, same weights and inputs.
+
+Both models are torchvision's ``maskrcnn_resnet50_fpn`` architecture with the same random
+weights (seed 0; torchvision's model built without downloads, its state_dict loaded into ours
+with strict=True). The box classifier's weights are multiplied by 4 in both so that random
+weights yield confident, varied detections (100 per image, as with trained weights) instead
+of near-uniform scores. Images: uniform random pixels, --images of them at --size (H, W),
+resized by both transforms to the 800 / 1333 defaults (the default 800x1216 is COCO-like and
+kept as it is).
+
+Per stage (median over --repeats of a manual pass through each model's own modules):
+``backbone`` (transform + ResNet-50-FPN), ``rpn`` (head, anchors, decoding, top-k, NMS),
+``box`` (multi-scale RoIAlign 7x7, box head, postprocessing incl. class-wise NMS), ``mask``
+(RoIAlign 14x14 of the detections, mask head), ``paste`` (boxes back to image size, masks
+pasted). ``total`` is the median of ``model(images)`` calls, timed separately. Ratios are
+torchvision / ours. Agreement: the number of detections per image and the largest box
+difference of the first detections are printed.
+
+Run (from the repo root):
+    python benchmarks/bench_maskrcnn.py --quick     # 1 image 800x1216, 3 repeats (~2 min on 2 cores)
+    python benchmarks/bench_maskrcnn.py             # 2 images 800x1216, 5 repeats (+CUDA if present)
+Results go to --out (default benchmarks/out/maskrcnn_<device>.json).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_roi_align as base  # noqa: E402  device selection, metadata, formatting
+
+import instseg_ops  # noqa: E402
+from instseg_ops.models import maskrcnn_resnet50_fpn  # noqa: E402
+
+try:
+    import torchvision
+except Exception:  # optional peer
+    torchvision = None
+
+STAGES = ["backbone", "rpn", "box", "mask", "paste", "total"]
+COLUMNS = [("device", 6), ("stage", 9), ("ours_ms", 9), ("tv_ms", 9), ("speedup", 8)]
+
+
+def build(device):
+    torch.manual_seed(0)
+    tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(4)
+    ours = maskrcnn_resnet50_fpn()
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    return ours.eval().to(device), tv.eval().to(device)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def stages_ours(m, imgs, device):
+    t, rh = {}, m.roi_heads
+
+    def mark(name, t0):
+        sync(device)
+        t[name] = (time.perf_counter() - t0) * 1e3
+        return time.perf_counter()
+
+    sync(device)
+    t0 = time.perf_counter()
+    orig = [tuple(i.shape[-2:]) for i in imgs]
+    batch, sizes, _ = m.transform(imgs)
+    feats = m.backbone(batch)
+    t0 = mark("backbone", t0)
+    props, _ = m.rpn(tuple(batch.shape[-2:]), sizes, feats)
+    t0 = mark("rpn", t0)
+    logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, props, sizes)))
+    dets = rh.postprocess(logits, deltas, props, sizes)
+    t0 = mark("box", t0)
+    ml = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, [d["boxes"] for d in dets], sizes)))
+    labels = torch.cat([d["labels"] for d in dets])
+    probs = ml.sigmoid()[torch.arange(len(labels), device=labels.device), labels][:, None]
+    for d, p in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
+        d["masks"] = p
+    t0 = mark("mask", t0)
+    out = m.transform.postprocess(dets, sizes, orig)
+    mark("paste", t0)
+    return t, out
+
+
+def stages_tv(m, imgs, device):
+    t, rh = {}, m.roi_heads
+
+    def mark(name, t0):
+        sync(device)
+        t[name] = (time.perf_counter() - t0) * 1e3
+        return time.perf_counter()
+
+    sync(device)
+    t0 = time.perf_counter()
+    orig = [tuple(i.shape[-2:]) for i in imgs]
+    il, _ = m.transform(imgs)
+    feats = m.backbone(il.tensors)
+    t0 = mark("backbone", t0)
+    props, _ = m.rpn(il, feats)
+    t0 = mark("rpn", t0)
+    logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, props, il.image_sizes)))
+    boxes, scores, labels = rh.postprocess_detections(logits, deltas, props, il.image_sizes)
+    dets = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+    t0 = mark("box", t0)
+    ml = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, boxes, il.image_sizes)))
+    lab = torch.cat(labels)
+    probs = ml.sigmoid()[torch.arange(len(lab), device=lab.device), lab][:, None]
+    for d, p in zip(dets, probs.split([len(b) for b in boxes])):
+        d["masks"] = p
+    t0 = mark("mask", t0)
+    out = m.transform.postprocess(dets, il.image_sizes, orig)
+    mark("paste", t0)
+    return t, out
+
+
+def run_device(device, args, rows):
+    ours, tv = build(device)
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.rand(3, args.size[0], args.size[1], generator=g).to(device) for _ in range(args.images)]
+    per = {"ours": {s: [] for s in STAGES}, "tv": {s: [] for s in STAGES}}
+    with torch.no_grad():
+        _, out_ours = stages_ours(ours, imgs, device)  # warm-up and agreement
+        _, out_tv = stages_tv(tv, imgs, device)
+        for o, w in zip(out_ours, out_tv):
+            n = min(len(o["boxes"]), len(w["boxes"]), 10)
+            diff = (o["boxes"][:n] - w["boxes"][:n]).abs().max().item() if n else 0.0
+            base.note(f"{device}: detections ours {len(o['boxes'])}, torchvision {len(w['boxes'])}; "
+                      f"max |box diff| of the first {n}: {diff:.2e}")
+        for _ in range(args.repeats):
+            for name, fn, model in (("ours", stages_ours, ours), ("tv", stages_tv, tv)):
+                t, _ = fn(model, imgs, device)
+                for s, v in t.items():
+                    per[name][s].append(v)
+                sync(device)
+                t0 = time.perf_counter()
+                model(imgs)
+                sync(device)
+                per[name]["total"].append((time.perf_counter() - t0) * 1e3)
+    for s in STAGES:
+        o, w = statistics.median(per["ours"][s]), statistics.median(per["tv"][s])
+        row = {"device": device, "stage": s, "ours_ms": o, "tv_ms": w, "speedup": w / o if o else None,
+               "images": args.images, "size": args.size, "repeats": args.repeats}
+        rows.append(row)
+        cells = [device, s, base.fmt(o, ".1f"), base.fmt(w, ".1f"), base.fmt(row["speedup"], ".2f") + "x"]
+        print("  ".join(c.rjust(wd) for c, (_, wd) in zip(cells, COLUMNS)), flush=True)
+    post_o = sum(statistics.median(per["ours"][s]) for s in ("rpn", "box", "mask", "paste"))
+    post_t = sum(statistics.median(per["tv"][s]) for s in ("rpn", "box", "mask", "paste"))
+    rows.append({"device": device, "stage": "post_backbone", "ours_ms": post_o, "tv_ms": post_t,
+                 "speedup": post_t / post_o})
+    print("  ".join(c.rjust(wd) for c, (_, wd) in zip(
+        [device, "post-bb", f"{post_o:.1f}", f"{post_t:.1f}", f"{post_t / post_o:.2f}x"], COLUMNS)), flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default=None)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--size", type=lambda s: [int(v) for v in s.split("x")], default=[800, 1216], help="HxW")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 image, 3 repeats")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.repeats = 1, 3
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if torchvision is None:
+        sys.exit("bench_maskrcnn needs torchvision (the peer) installed")
+    cuda_ok = torch.cuda.is_available() and instseg_ops.cuda_built()
+    devices = base.devices_for(args.device, cuda_ok)
+    out = args.out or os.path.join("benchmarks", "out", f"maskrcnn_{'_'.join(devices)}.json")
+    base.run_all(dict(base.common_meta(devices), seed=0), COLUMNS, devices, run_device, args, out)
+
+
+if __name__ == "__main__":
+    main()
