@@ -5,9 +5,12 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace instseg {
+
+constexpr int64_t kMaxPadding = 1 << 16;
 
 inline void check_paste_args(const at::Tensor& masks, const at::Tensor& boxes, int64_t H, int64_t W,
                              int64_t padding, std::optional<double> threshold) {
@@ -23,8 +26,18 @@ inline void check_paste_args(const at::Tensor& masks, const at::Tensor& boxes, i
   TORCH_CHECK(masks.device() == boxes.device(), "paste_masks: masks are on ", masks.device(),
               " but boxes are on ", boxes.device());
   TORCH_CHECK(H >= 0 && W >= 0, "paste_masks: negative image size (", H, ", ", W, ")");
-  TORCH_CHECK(padding >= 0, "paste_masks: padding must be >= 0, got ", padding);
+  TORCH_CHECK(padding >= 0 && padding <= kMaxPadding, "paste_masks: padding must be in [0, ", kMaxPadding,
+              "], got ", padding);
   TORCH_CHECK(!threshold || !std::isnan(*threshold), "paste_masks: threshold is NaN");
+}
+
+// The threshold as the kernels compare it: value (float32) >= threshold rounded
+// to float32, saturating beyond the float range.
+inline float threshold_as_float(double t) {
+  constexpr double kMax = 3.4028234663852886e38;
+  if (t > kMax) return std::numeric_limits<float>::infinity();
+  if (t < -kMax) return -std::numeric_limits<float>::infinity();
+  return static_cast<float>(t);
 }
 
 }  // namespace instseg

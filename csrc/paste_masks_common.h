@@ -38,6 +38,7 @@ struct Region {
 // toward zero, as torchvision's .to(int32) does).
 C10_HOST_DEVICE inline int64_t to_int(double v) {
   constexpr double kLimit = 4.0e15;
+  if (!(v == v)) return 0;  // NaN: callers reject non-finite values first; a safety net
   return static_cast<int64_t>(v < -kLimit ? -kLimit : (v > kLimit ? kLimit : v));
 }
 
@@ -72,8 +73,11 @@ C10_HOST_DEVICE inline TvPaste tv_geometry(const float* box, int64_t M, int64_t 
   const float h_half = mul_rn(mul_rn(add_rn(box[3], -box[1]), 0.5f), scale);
   const float x_c = mul_rn(add_rn(box[2], box[0]), 0.5f);
   const float y_c = mul_rn(add_rn(box[3], box[1]), 0.5f);
-  const int64_t b0 = to_int(add_rn(x_c, -w_half)), b1 = to_int(add_rn(y_c, -h_half));
-  const int64_t b2 = to_int(add_rn(x_c, w_half)), b3 = to_int(add_rn(y_c, h_half));
+  const float e0 = add_rn(x_c, -w_half), e1 = add_rn(y_c, -h_half);
+  const float e2 = add_rn(x_c, w_half), e3 = add_rn(y_c, h_half);
+  // Finite corners near the float range can expand to inf or NaN (e.g. inf - inf): nothing.
+  if (!(is_finite(e0) && is_finite(e1) && is_finite(e2) && is_finite(e3))) return g;
+  const int64_t b0 = to_int(e0), b1 = to_int(e1), b2 = to_int(e2), b3 = to_int(e3);
   const int64_t w = b2 - b0 + 1 > 1 ? b2 - b0 + 1 : 1;
   const int64_t h = b3 - b1 + 1 > 1 ? b3 - b1 + 1 : 1;
   g.bx = b0;
@@ -155,7 +159,10 @@ C10_HOST_DEVICE inline AlignedPaste aligned_geometry(const float* box, int64_t M
   g.region = Region{0, 0, 0, 0};
   if (!box_finite(box) || !(g.x1 > g.x0) || !(g.y1 > g.y0)) return g;
   // A pixel can be nonzero only if its centre lies within one mask cell of the
-  // box (bilinear support); one more pixel on each side absorbs rounding.
+  // box (bilinear support); one more pixel on each side absorbs rounding. This is
+  // grid_sample over the whole image; detectron2's own CPU path only paints
+  // [floor(x0) - 1, ceil(x1) + 1) and can miss part of the (< 0.5) fringe of
+  // boxes wider than a few mask cells per pixel.
   const double cw = (static_cast<double>(g.x1) - g.x0) / M, ch = (static_cast<double>(g.y1) - g.y0) / M;
   g.region.x0 = clamp64(to_int(::floor(g.x0 - cw)) - 1, 0, W);
   g.region.x1 = clamp64(to_int(::ceil(g.x1 + cw)) + 1, 0, W);

@@ -14,7 +14,8 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], paddi
     a box wholly outside the image pastes nothing (torchvision raises for boxes above/left).
     ``aligned=True``: detectron2's ``grid_sample`` pasting (sub-pixel box, pixel centres at +0.5,
     zeros outside the mask). With ``threshold`` the result is bool ``value >= threshold`` and no
-    float canvas is allocated. Boxes with a non-finite coordinate paste nothing.
+    float canvas is allocated (the float32 value is compared with the threshold rounded to float32).
+    Boxes with a non-finite coordinate, or whose expanded box is not finite, paste nothing.
     """
     masks = _squeeze_channel(masks)
     h, w = int(image_size[0]), int(image_size[1])
@@ -29,7 +30,8 @@ def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
     Returns ``(crops, regions)``: ``regions`` is an int64 Tensor[N, 4] ``(x0, y0, x1, y1)``,
     the clipped pixels ``[y0, y1) x [x0, x1)`` mask ``n`` may write, and ``crops[n]`` is
     Tensor[y1 - y0, x1 - x0] with exactly the values of ``paste_masks(...)[n, y0:y1, x0:x1]``;
-    every pixel outside the region is 0 there. An empty region is ``(0, 0, 0, 0)`` with a
+    outside the region the canvas holds probability 0 (False with a threshold > 0, True with a
+    threshold <= 0). An empty region is ``(0, 0, 0, 0)`` with a
     0 x 0 crop. Memory is the sum of the regions' areas (in torchvision mode: the clipped
     integer boxes), so hundreds of masks on a 12-megapixel image stay small. The crops are
     views into one buffer; on CUDA the call synchronises once (for the buffer's size).
@@ -38,9 +40,11 @@ def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
     h, w = int(image_size[0]), int(image_size[1])
     data, regions, offsets = torch.ops.instseg.paste_masks_crops(
         masks, boxes, h, w, int(padding), None if threshold is None else float(threshold), bool(aligned))
-    sizes = (regions[:, 3] - regions[:, 1]).tolist(), (regions[:, 2] - regions[:, 0]).tolist()
-    starts = offsets.tolist()
-    crops = [data[starts[i]:starts[i + 1]].view(hh, ww) for i, (hh, ww) in enumerate(zip(*sizes))]
+    n = regions.shape[0]
+    host = torch.cat([regions.flatten(), offsets]).tolist()  # one device-to-host copy
+    reg, starts = host[:4 * n], host[4 * n:]
+    crops = [data[starts[i]:starts[i + 1]].view(reg[4 * i + 3] - reg[4 * i + 1], reg[4 * i + 2] - reg[4 * i])
+             for i in range(n)]
     return crops, regions
 
 
@@ -66,6 +70,8 @@ def _squeeze_channel(masks: Tensor) -> Tensor:
 def _paste_masks_crops_fake(masks, boxes, image_height, image_width, padding, threshold, aligned):
     torch._check(masks.dim() == 3, lambda: "paste_masks: masks must be a Tensor[N, M, M]")
     torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "paste_masks: boxes must be a Tensor[N, 4]")
+    torch._check(masks.shape[0] == boxes.shape[0], lambda: "paste_masks: one box per mask")
+    torch._check(masks.shape[1] == masks.shape[2], lambda: "paste_masks: masks must be square")
     dtype = torch.bool if threshold is not None else masks.dtype
     total = torch.library.get_ctx().new_dynamic_size()
     n = masks.shape[0]
@@ -77,5 +83,6 @@ def _paste_masks_crops_fake(masks, boxes, image_height, image_width, padding, th
 def _paste_masks_fake(masks, boxes, image_height, image_width, padding, threshold, aligned):
     torch._check(masks.dim() == 3, lambda: "paste_masks: masks must be a Tensor[N, M, M]")
     torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "paste_masks: boxes must be a Tensor[N, 4]")
+    torch._check(masks.shape[0] == boxes.shape[0], lambda: "paste_masks: one box per mask")
     dtype = torch.bool if threshold is not None else masks.dtype
     return masks.new_empty((masks.shape[0], image_height, image_width), dtype=dtype)

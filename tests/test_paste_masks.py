@@ -170,4 +170,32 @@ def test_large_canvas_is_zero_outside_the_boxes(seed):
         inside[n, y0:y1, x0:x1] = True
         assert torch.equal(out[n, y0:y1, x0:x1], crops[n])
     assert (out[~inside] == 0).all()
-    assert (out.clone() == out).all()
+
+
+def test_edge_arguments(seed):
+    masks = torch.rand(3, 1, 1)
+    # Finite corners near the float range expand (padding 1 triples a 1x1 mask) to inf - inf: nothing.
+    boxes = torch.tensor([[-3.4e38, 0.0, -1e38, 5.0], [3.0e38, 1.0, 3.4e38, 2.0], [1.0, 1.0, 5.0, 5.0]])
+    out = paste_masks(masks, boxes, (10, 10))
+    assert (out[:2] == 0).all() and (out[2] != 0).any()
+    crops, regions = paste_masks_crops(masks, boxes, (10, 10))
+    assert regions[:2].eq(0).all() and crops[0].numel() == 0
+    with pytest.raises(RuntimeError, match="padding must be in"):
+        paste_masks(masks, boxes, (10, 10), padding=1 << 20)
+    # A tiny positive threshold rounds to 0 in float32: every pixel passes, in and outside regions.
+    assert paste_masks(masks, boxes, (10, 10), threshold=1e-50).all()
+    # Beyond the float range: nothing passes.
+    assert not paste_masks(masks, boxes, (10, 10), threshold=1e300).any()
+
+
+def test_lazy_and_eager_zeros_give_the_same_canvas(seed, tmp_path):
+    import subprocess
+    import sys
+    masks, boxes = random_case(n=8, h=1000, w=1200)
+    torch.save((masks, boxes), tmp_path / "in.pt")
+    code = ("import sys, torch, instseg_ops; m, b = torch.load(sys.argv[1]); "
+            "torch.save(instseg_ops.paste_masks(m, b, (1000, 1200)), sys.argv[2])")
+    for name, env in (("lazy", {"INSTSEG_LAZY_ZEROS": "1", "INSTSEG_HUGEPAGES": "1"}), ("eager", {"INSTSEG_LAZY_ZEROS": "0"})):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / f"{name}.pt")],
+                       check=True, env={**__import__("os").environ, **env})
+    assert torch.equal(torch.load(tmp_path / "lazy.pt"), torch.load(tmp_path / "eager.pt"))

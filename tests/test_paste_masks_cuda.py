@@ -10,15 +10,27 @@ pytestmark = [pytest.mark.cuda, requires_cuda]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture
+def poisoned():
+    """Uninitialised memory (the crop buffers) filled with NaN/max values: unwritten elements show."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("threshold", [None, 0.0, 0.5])
 @pytest.mark.parametrize("tiny", [False, True])
-def test_cuda_matches_cpu_bitwise(seed, dtype, aligned, threshold, tiny):
+def test_cuda_matches_cpu_bitwise(seed, dtype, aligned, threshold, tiny, poisoned):
     masks, boxes = random_case(n=40, m=28, tiny=tiny)
     masks = masks.to(dtype)
     boxes[3] = torch.tensor([-1e7, -1e7, 1e7, 1e7])  # huge box
     boxes[5, 1] = float("nan")
+    boxes[6] = torch.tensor([-3.4e38, 0.0, -1e38, 5.0])  # expands to inf - inf
     for padding in (0, 1, 3):
         want = paste_masks(masks, boxes, (120, 160), padding, threshold, aligned)
         got = paste_masks(masks.cuda(), boxes.cuda(), (120, 160), padding, threshold, aligned)

@@ -111,7 +111,8 @@ def test_flipping_mask_and_box_horizontally_flips_the_output(m, aligned, seed, d
     else:  # the integer box covers pixels x0..x1; column x -> w - 1 - x
         flipped_boxes = torch.stack([w - 1 - boxes[:, 2], boxes[:, 1], w - 1 - boxes[:, 0], boxes[:, 3]], dim=1)
     flipped = paste_masks(masks.flip(-1), flipped_boxes, (h, w), padding=0, aligned=aligned)
-    torch.testing.assert_close(flipped, out.flip(-1), rtol=1e-6, atol=1e-6)
+    # Mirrored sample positions round differently (ulps of values up to ~10): not bit-exact.
+    torch.testing.assert_close(flipped, out.flip(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_crops_memory_is_the_sum_of_the_regions(seed):

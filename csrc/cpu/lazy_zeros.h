@@ -22,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/safe_numerics.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -50,7 +51,13 @@ class LazyZeroAllocator final : public c10::Allocator {
       return v != nullptr && std::string(v) == "1";
     }();
     if (huge) (void)madvise(reinterpret_cast<void*>(aligned), body, MADV_HUGEPAGE);  // a hint; may fail
-    auto* mapping = new Mapping{base, len};
+    Mapping* mapping = nullptr;
+    try {
+      mapping = new Mapping{base, len};
+    } catch (...) {
+      munmap(base, len);
+      throw;
+    }
     return {reinterpret_cast<void*>(aligned), mapping, &release, c10::Device(c10::kCPU)};
   }
 
@@ -80,11 +87,14 @@ inline at::Tensor lazy_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
     const char* v = std::getenv("INSTSEG_LAZY_ZEROS");
     return v == nullptr || std::string(v) != "0";
   }();
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  if (enabled && numel * static_cast<int64_t>(c10::elementSize(dtype)) >= kMinBytes) {
-    static LazyZeroAllocator allocator;
-    return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+  int64_t nbytes = static_cast<int64_t>(c10::elementSize(dtype));
+  bool overflow = false;
+  for (int64_t s : sizes) overflow |= c10::mul_overflows(nbytes, s, &nbytes);
+  TORCH_CHECK(!overflow, "instseg: output of size ", sizes, " is too large");
+  if (enabled && nbytes >= kMinBytes) {
+    // Never destroyed: tensors that outlive static destruction still point at it.
+    static LazyZeroAllocator* allocator = new LazyZeroAllocator();
+    return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                      std::nullopt);
   }
 #endif

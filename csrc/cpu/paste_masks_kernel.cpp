@@ -26,7 +26,8 @@ using namespace paste_detail;
 struct PasteParams {
   int64_t M, pad, H, W;
   bool aligned;
-  std::optional<double> threshold;
+  bool binary;      // bool output: value >= threshold
+  float threshold;  // threshold_as_float of the requested threshold
 };
 
 Region region_of(const float* box, const PasteParams& p) {
@@ -36,7 +37,7 @@ Region region_of(const float* box, const PasteParams& p) {
 template <typename out_t>
 inline out_t convert(float v, const PasteParams& p) {
   if constexpr (std::is_same<out_t, bool>::value) {
-    return v >= static_cast<float>(*p.threshold);
+    return v >= p.threshold;
   } else {
     return static_cast<out_t>(v);
   }
@@ -91,7 +92,8 @@ void paste_one(const scalar_t* mask, const float* box, const PasteParams& p, out
 
 PasteParams params_of(const at::Tensor& masks, int64_t H, int64_t W, int64_t padding,
                       std::optional<double> threshold, bool aligned) {
-  return PasteParams{masks.size(1), aligned ? 0 : padding, H, W, aligned, threshold};
+  return PasteParams{masks.size(1), aligned ? 0 : padding, H, W, aligned, threshold.has_value(),
+                     threshold ? threshold_as_float(*threshold) : 0.f};
 }
 
 at::Tensor paste_masks_cpu(const at::Tensor& masks_, const at::Tensor& boxes_, int64_t H, int64_t W,
@@ -104,7 +106,7 @@ at::Tensor paste_masks_cpu(const at::Tensor& masks_, const at::Tensor& boxes_, i
   const PasteParams p = params_of(masks, H, W, padding, threshold, aligned);
   at::Tensor out = lazy_zeros({N, H, W}, threshold ? at::kBool : masks.scalar_type());
   // Pixels no mask reaches have probability 0: with a threshold <= 0 they pass.
-  if (threshold && *threshold <= 0.0) out.fill_(true);
+  if (p.binary && p.threshold <= 0.f) out.fill_(true);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks.scalar_type(), "paste_masks_cpu", [&] {
     const scalar_t* m = masks.const_data_ptr<scalar_t>();

@@ -158,7 +158,7 @@ void launch_paste(const Prepared& p, int64_t H, int64_t W, int64_t pad, bool ali
   paste_kernel<scalar_t, out_t><<<grid_blocks(work), kThreads, 0, stream>>>(
       p.masks.const_data_ptr<scalar_t>(), reinterpret_cast<const Geometry*>(p.geom.const_data_ptr()),
       p.ends.const_data_ptr<int64_t>(), N, M, pad, H, W, aligned, crops,
-      threshold ? static_cast<float>(*threshold) : 0.f, out);
+      threshold ? threshold_as_float(*threshold) : 0.f, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -171,7 +171,7 @@ at::Tensor paste_masks_cuda(const at::Tensor& masks, const at::Tensor& boxes, in
   const int64_t N = masks.size(0);
   const int64_t pad = aligned ? 0 : padding;
   at::Tensor out = at::zeros({N, H, W}, masks.options().dtype(threshold ? at::kBool : masks.scalar_type()));
-  if (threshold && *threshold <= 0.0) out.fill_(true);  // unreached pixels are 0 >= threshold
+  if (threshold && threshold_as_float(*threshold) <= 0.f) out.fill_(true);  // unreached pixels: 0 >= threshold
   if (out.numel() == 0) return out;
   const Prepared p = prepare(masks, boxes, H, W, pad, aligned, false, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.masks.scalar_type(), "paste_masks_cuda", [&] {
