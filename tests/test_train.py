@@ -1,0 +1,267 @@
+"""Training loop, checkpoints, DDP and demo of instseg_ops.models (tiny CPU configurations)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from instseg_ops.models import demo, presets
+from instseg_ops.models import train as T
+from instseg_ops.models.data import generate_split, read_png, write_png
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The machine is shared: one intra-op thread avoids oversubscription (and is deterministic).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_split(str(root), "train", 6, size=SIZE, seed=3, max_objects=3)
+    generate_split(str(root), "val", 2, size=SIZE, seed=3, max_objects=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def two_image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes2")
+    generate_split(str(root), "train", 2, size=SIZE, seed=5, max_objects=3)
+    return str(root)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def iteration_losses(records):
+    return {r["iter"]: r["loss"] for r in records if "losses" in r}
+
+
+# ------------------------------------------------------------------------------------- presets
+
+def test_presets_settings():
+    r18 = presets.get_preset("shapes_r18_cpu")
+    assert r18.model["depth"] == 18 and r18.model["norm"] in ("gn", "bn") and r18.model["num_classes"] == 7
+    assert r18.model["trainable_layers"] == 5
+    assert r18.model["min_size"] == r18.model["max_size"] == r18.image_size == 256
+    assert r18.momentum == 0.9 and r18.weight_decay > 0 and r18.warmup_iters > 0
+    assert all(0 < m < r18.iters for m in r18.milestones) and r18.gamma == 0.1
+    r50 = presets.get_preset("shapes_r50_gpu")
+    assert r50.model["depth"] == 50 and r50.model["norm"] != "frozen_bn" and r50.model["num_classes"] == 7
+    assert r50.model["min_size"] == r50.image_size == 512 and r50.amp
+    # The model kwargs are valid for the builder.
+    model = T.build_model(r18)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(p.numel() for p in model.parameters())
+    # Shorter schedules scale the milestones; unknown names are refused.
+    short = presets.get_preset("shapes_r18_cpu", iters=300)
+    assert short.iters == 300 and list(short.milestones) == [200, 260] and short.warmup_iters <= 75
+    assert presets.PRESETS["shapes_r18_cpu"].iters == 3000  # the registry itself is untouched
+    with pytest.raises(KeyError):
+        presets.get_preset("nope")
+    with pytest.raises(KeyError):
+        presets.get_preset("tiny_cpu", not_a_field=1)
+
+
+def test_warmup_multistep_schedule():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
+    sched = T.WarmupMultiStepLR(opt, milestones=(6, 8), gamma=0.1, warmup_iters=4, warmup_factor=0.0)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lrs, [0.0, 0.25, 0.5, 0.75, 1, 1, 0.1, 0.1, 0.01, 0.01], atol=1e-12)
+
+
+def test_sharded_batches_cover_and_resume():
+    full = T.ShardedBatches(10, 2, seed=1, rank=0, world_size=1)
+    it = iter(full)
+    first = [next(it) for _ in range(10)]  # two epochs of 5 batches
+    assert sorted(i for b in first[:5] for i, _ in b) == list(range(10))
+    assert [i for b in first[:5] for i, _ in b] != [i for b in first[5:] for i, _ in b]  # reshuffled
+    resumed = iter(T.ShardedBatches(10, 2, seed=1, rank=0, world_size=1, start=7))
+    assert next(resumed) == first[7]
+    # Two ranks split each global batch; together they are the 1-process order for batch 4.
+    r0 = T.ShardedBatches(10, 2, seed=1, rank=0, world_size=2)
+    r1 = T.ShardedBatches(10, 2, seed=1, rank=1, world_size=2)
+    both = T.ShardedBatches(10, 4, seed=1, rank=0, world_size=1)
+    for b in range(4):
+        assert r0.batch(b) + r1.batch(b) == both.batch(b)
+    epoch = [i for b in range(3) for part in (r0.batch(b), r1.batch(b)) for i, _ in part]
+    assert set(epoch) == set(range(10))  # 12 slots: all 10 samples, 2 wrapped around
+
+
+# ------------------------------------------------------------------------------------- training
+
+def test_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
+    p = presets.get_preset("tiny_cpu", iters=24, batch_size=2, lr=0.02, warmup_iters=3, milestones=(),
+                           hflip_prob=0.0, log_period=1000)
+    result = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    losses = [r["loss"] for r in result["losses"]]
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.8 * first, (first, last, losses)
+    print(f"first 4 mean {first:.4f}, last 4 mean {last:.4f}")
+    recs = read_metrics(str(tmp_path / "run"))
+    assert recs[0]["config"]["name"] == "tiny_cpu"
+    its = [r for r in recs if "losses" in r]
+    assert [r["iter"] for r in its] == list(range(1, 25))
+    assert set(its[0]["losses"]) == set(T.LOSS_KEYS) and {"lr", "time", "data_time"} <= set(its[0])
+    assert recs[-1].get("done") is True
+
+
+def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
+    p = presets.get_preset("tiny_cpu", iters=4, batch_size=2, checkpoint_period=2, eval_period=0, hflip_prob=0.5)
+    a = str(tmp_path / "a")
+    full = T.train(p, shapes_dir, a, device="cpu", seed=1, log=quiet)
+    assert os.path.exists(os.path.join(a, "checkpoint_0000002.pth"))
+    ck = T.load_checkpoint(os.path.join(a, "checkpoint_0000002.pth"))
+    assert ck["iteration"] == 2 and ck["data"]["batches_consumed"] == 2
+    assert {"model", "optimizer", "scheduler", "rng_per_rank", "preset", "categories"} <= set(ck)
+    assert {"torch", "numpy", "python"} <= set(ck["rng_per_rank"][0])
+
+    b = str(tmp_path / "b")
+    res = T.train(p, shapes_dir, b, device="cpu", seed=1, resume_from=os.path.join(a, "checkpoint_0000002.pth"),
+                  log=quiet)
+    want = [r["loss"] for r in full["losses"][2:]]
+    got = [r["loss"] for r in res["losses"]]
+    assert [r["iter"] for r in res["losses"]] == [3, 4]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert res["checksums"] == full["checksums"]  # the same final weights
+
+    # Command line --resume in the run directory after a "crash" past iteration 2: the newest
+    # checkpoint is used and metrics.jsonl keeps one record per iteration.
+    with open(os.path.join(a, "last_checkpoint"), "w") as f:
+        f.write("checkpoint_0000002.pth\n")
+    out = T.main(["--preset", "tiny_cpu", "--data", shapes_dir, "--out", a, "--iters", "4", "--batch-size", "2",
+                  "--checkpoint-every", "2", "--device", "cpu", "--seed", "1", "--resume", "--eval-every", "0"])
+    np.testing.assert_allclose([r["loss"] for r in out["losses"]], want, rtol=0, atol=1e-6)
+    its = [r["iter"] for r in read_metrics(a) if "losses" in r]
+    assert its == [1, 2, 3, 4]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pth")
+    T.atomic_save({"x": torch.arange(3)}, path)
+    assert torch.equal(T.load_checkpoint(path)["x"], torch.arange(3))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file's mode, not mkstemp's 0600
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        T.atomic_save({"x": torch.zeros(5)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(T.load_checkpoint(path)["x"], torch.arange(3))  # the old file, untouched
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no temporary left behind
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        T.atomic_save({"x": 1}, str(tmp_path / "new.pth"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no partial new file either
+
+
+def test_evaluation_and_final_checkpoint(shapes_dir, tmp_path):
+    p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, eval_period=1, checkpoint_period=0)
+    run = str(tmp_path / "run")
+    res = T.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
+    evals = [r for r in read_metrics(run) if "eval" in r]
+    assert [r["iter"] for r in evals] == [1, 2]
+    for iou in ("bbox", "segm"):
+        assert set(evals[-1]["eval"][iou]) >= {"AP", "AP50", "AP75"}
+        assert -1.0 <= evals[-1]["eval"][iou]["AP"] <= 1.0
+    assert res["eval"] == evals[-1]["eval"]
+    ck = T.load_checkpoint(os.path.join(run, "model_final.pth"))
+    assert ck["iteration"] == 2 and ck["categories"][1] == "circle" and len(ck["categories"]) == 6
+    assert sorted(f for f in os.listdir(run) if f.endswith(".tmp")) == []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo_keep_replicas_identical(shapes_dir, tmp_path):
+    run = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "instseg_ops.models.train", "--preset", "tiny_cpu", "--data", shapes_dir, "--out", run,
+           "--iters", "3", "--batch-size", "1", "--checkpoint-every", "2", "--eval-every", "0",
+           "--device", "cpu", "--workers", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = read_metrics(run)
+    sums = [r["replica_checksums"] for r in recs if "replica_checksums" in r]
+    assert [r["iter"] for r in recs if "replica_checksums" in r] == [2, 3]
+    for s in sums:
+        assert len(s) == 2 and s[0] == s[1], sums
+    assert recs[0]["world_size"] == 2
+    assert [r["iter"] for r in recs if "losses" in r] == [1, 2, 3]  # rank 0 logs alone
+    ck = T.load_checkpoint(os.path.join(run, "model_final.pth"))
+    assert len(ck["rng_per_rank"]) == 2 and ck["world_size"] == 2
+    assert not any(k.startswith("module.") for k in ck["model"])
+    # The saved final weights are the replicas' weights.
+    model = T.build_model(presets.Preset.from_dict(ck["preset"]))
+    model.load_state_dict(ck["model"])
+    assert T.param_checksum(model) == sums[-1][0]
+
+
+# ------------------------------------------------------------------------------------- demo
+
+def test_draw_detections_numpy():
+    img = np.full((40, 60, 3), 100, np.uint8)
+    mask = np.zeros((1, 40, 60), bool)
+    mask[0, 20:30, 10:20] = True
+    out = demo.draw_detections(img, [[5, 15, 30, 35]], [3], [0.87], mask, {3: "rectangle"})
+    assert out.shape == img.shape and out.dtype == np.uint8 and (img == 100).all()
+    color = demo.PALETTE[0]
+    assert (out[25, 5] == color).all()  # left box edge
+    np.testing.assert_array_equal(out[25, 15], np.rint(0.5 * 100 + 0.5 * color.astype(float)))  # blended mask
+    assert (out[37, 50] == 100).all()  # untouched background
+    label_region = out[:15, :]
+    assert (label_region == color).all(axis=-1).sum() > 20  # label background above the box
+    assert demo.text_mask("circle 0.50").shape == (7, 6 * 11 - 1)
+    # Boxes at the border and no detections at all.
+    demo.draw_detections(img, [[-5, -5, 100, 100]], [1], [1.0], None)
+    assert (demo.draw_detections(img, np.zeros((0, 4)), [], [], np.zeros((0, 40, 60))) == img).all()
+
+
+def test_demo_writes_png_of_the_image_size(shapes_dir, tmp_path):
+    p = presets.get_preset("tiny_cpu", iters=1, batch_size=2, eval_period=0)
+    run = str(tmp_path / "run")
+    T.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
+    src = read_png(os.path.join(shapes_dir, "val", "000000.png"))
+    image = str(tmp_path / "in.png")
+    write_png(image, np.ascontiguousarray(src[:50, :, :3]))  # not square: 50 x 64
+    out = str(tmp_path / "out.png")
+    demo.main(["--checkpoint", os.path.join(run, "model_final.pth"), "--image", image, "--out", out,
+               "--score-thresh", "0.0"])
+    drawn = read_png(out)
+    assert drawn.shape == (50, SIZE, 3) and drawn.dtype == np.uint8
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
