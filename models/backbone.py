@@ -51,6 +51,15 @@ class GroupNorm32(nn.GroupNorm):
             groups //= 2
         super().__init__(groups, num_channels)
 
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # The CPU kernel keeps channels_last but torch's fake (meta) group_norm returns the
+            # standard layout, so a compiled graph would assume the wrong strides downstream.
+            # Stating the layout keeps traced and eager strides equal (a no-op when eager).
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
 
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": GroupNorm32}
 

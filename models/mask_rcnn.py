@@ -63,11 +63,13 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
                         box_bg_iou_thresh: float = 0.5, box_batch_size_per_image: int = 512,
                         box_positive_fraction: float = 0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
                         representation_size: int = 1024, mask_layers=(256, 256, 256, 256),
-                        mask_hidden: int = 256) -> MaskRCNN:
+                        mask_hidden: int = 256, channels_last: Optional[bool] = None) -> MaskRCNN:
     """Mask R-CNN on a ResNet-{18,34,50,101}-FPN. Defaults are torchvision's
     ``maskrcnn_resnet50_fpn`` (its keyword names work as overrides). ``norm``: the backbone's
     normalisation ("frozen_bn" for pretrained weights, "bn" or "gn" to train from scratch);
-    ``fpn_norm`` / ``head_norm``: optional normalisation in the FPN and mask head."""
+    ``fpn_norm`` / ``head_norm``: optional normalisation in the FPN and mask head;
+    ``channels_last``: memory format of the batched images (None: channels_last on the CPU,
+    see ``DetectionTransform``)."""
     backbone = resnet_fpn_backbone(depth, norm, trainable_layers, fpn_channels, width, fpn_norm)
     anchors = AnchorGenerator(anchor_sizes, (tuple(aspect_ratios),) * len(anchor_sizes))
     rpn = RegionProposalNetwork(
@@ -84,7 +86,7 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
         MaskPredictor(mask_layers[-1], mask_hidden, num_classes), box_fg_iou_thresh, box_bg_iou_thresh,
         box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh,
         box_detections_per_img)
-    transform = DetectionTransform(min_size, max_size, image_mean, image_std)
+    transform = DetectionTransform(min_size, max_size, image_mean, image_std, channels_last=channels_last)
     return MaskRCNN(backbone, rpn, heads, transform)
 
 

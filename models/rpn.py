@@ -42,7 +42,7 @@ def flatten_levels(logits: List[Tensor], deltas: List[Tensor]) -> Tuple[Tensor, 
     for lg, dl in zip(logits, deltas):
         n, a, h, w = lg.shape
         flat_logits.append(lg.permute(0, 2, 3, 1).reshape(n, -1, 1))
-        flat_deltas.append(dl.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+        flat_deltas.append(dl.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
     return torch.cat(flat_logits, 1).flatten(0, -2), torch.cat(flat_deltas, 1).reshape(-1, 4)
 
 

@@ -23,15 +23,21 @@ class DetectionTransform(nn.Module):
     """Resizes each image so that its short side is ``min_size`` (in training: one of
     ``min_size``, drawn with torch's RNG) unless its long side would exceed ``max_size``,
     normalises with ``image_mean`` / ``image_std`` and pads the batch to a multiple of
-    ``size_divisible``. Targets' boxes are scaled and masks resized (nearest)."""
+    ``size_divisible``. Targets' boxes are scaled and masks resized (nearest).
+
+    ``channels_last``: the batch's memory format (the convolutions, RoIAlign and the heads
+    follow the input's format; the values are the same up to float rounding). ``None``
+    (default): channels_last for CPU batches, where oneDNN's convolutions run about 15-20%
+    faster in it, the standard layout elsewhere."""
 
     def __init__(self, min_size, max_size: int, image_mean: Sequence[float], image_std: Sequence[float],
-                 size_divisible: int = 32):
+                 size_divisible: int = 32, channels_last: Optional[bool] = None):
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         self.max_size = max_size
         self.image_mean, self.image_std = list(image_mean), list(image_std)
         self.size_divisible = size_divisible
+        self.channels_last = channels_last
 
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
@@ -65,7 +71,8 @@ class DetectionTransform(nn.Module):
         out = images[0].new_zeros((len(images), c, h, w))
         for b, img in zip(out, images):
             b[: img.shape[0], : img.shape[1], : img.shape[2]].copy_(img)
-        return out
+        cl = self.channels_last if self.channels_last is not None else out.device.type == "cpu"
+        return out.contiguous(memory_format=torch.channels_last) if cl else out
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
         images = [img for img in images]

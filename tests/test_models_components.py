@@ -204,6 +204,10 @@ def test_transform_resize_normalise_batch_and_back():
     # Short side to 800 (100x150 -> 800x1200) unless the long side would pass 1333 (100x400 -> 333x1333).
     assert sizes == [(800, 1200), (333, 1333)]
     assert batch.shape == (2, 3, 800, 1344)  # padded to multiples of 32
+    assert batch.is_contiguous(memory_format=torch.channels_last)  # the CPU default
+    tr_nchw = DetectionTransform(800, 1333, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels_last=False).eval()
+    batch_nchw = tr_nchw(images)[0]
+    assert batch_nchw.is_contiguous() and torch.equal(batch_nchw, batch)
     torch.testing.assert_close(batch[0, :, 0, 0], (0.5 - torch.tensor([0.485, 0.456, 0.406])) /
                                torch.tensor([0.229, 0.224, 0.225]))
     assert batch[1, :, 333:].abs().sum() == 0 and batch[0, :, :, 1200:].abs().sum() == 0
@@ -363,10 +367,11 @@ def test_torchvision_state_dict_loads_strict_and_from_a_path(tmp_path):
 
 # ---------------------------------------------------------------- torch.compile
 
-def test_compile_backbone_fpn_and_heads_fullgraph(seed):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_compile_backbone_fpn_and_heads_fullgraph(seed, memory_format):
     torch._dynamo.reset()
-    model = tiny_model().eval()
-    x = torch.rand(1, 3, 96, 128)
+    model = tiny_model().eval()  # GroupNorm: its fake kernel's layout differs from the CPU kernel's
+    x = torch.rand(1, 3, 96, 128).contiguous(memory_format=memory_format)
     with torch.no_grad():
         want = model.backbone(x)
         got = torch.compile(model.backbone, fullgraph=True, backend="aot_eager")(x)

@@ -16,19 +16,24 @@ EVAL_SIZE = dict(min_size=320, max_size=512)  # small, to keep the CPU test fast
 TRAIN_SIZE = dict(min_size=256, max_size=384)
 
 
-def pair(norm="frozen_bn", size=EVAL_SIZE, **kw):
+def pair(norm="frozen_bn", size=EVAL_SIZE, channels_last=True, **kw):
     """torchvision's model (seed 0) and ours with its state dict loaded strictly. Without
     pretrained weights torchvision builds trainable BatchNorm2d everywhere: ``norm="bn"``
     builds ours alike (batch statistics in train mode); ``norm="frozen_bn"`` (our default)
-    computes what BatchNorm2d computes in eval mode."""
+    computes what BatchNorm2d computes in eval mode.
+
+    Memory format: ours batches CPU images channels_last by default (faster convolutions);
+    torchvision's model then gets channels_last weights, which makes its convolutions run
+    channels_last too, so that both compute the same float operations. With
+    ``channels_last=False`` both use the standard layout."""
     torch.manual_seed(0)
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **size, **kw)
     with torch.no_grad():
         tv.roi_heads.box_predictor.cls_score.weight.mul_(4)
     extra = dict(norm="bn", trainable_layers=5) if norm == "bn" else {}
-    ours = maskrcnn_resnet50_fpn(**size, **kw, **extra)
+    ours = maskrcnn_resnet50_fpn(**size, **kw, **extra, channels_last=channels_last)
     ours.load_state_dict(tv.state_dict(), strict=True)
-    return tv, ours
+    return (tv.to(memory_format=torch.channels_last) if channels_last else tv), ours
 
 
 @pytest.fixture
@@ -52,8 +57,9 @@ def images(seed, sizes):
     return [torch.rand(3, h, w, generator=g) for h, w in sizes]
 
 
-def test_eval_detections_and_masks_match_torchvision(seed):
-    tv, ours = pair(box_score_thresh=0.0)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_eval_detections_and_masks_match_torchvision(seed, channels_last):
+    tv, ours = pair(box_score_thresh=0.0, channels_last=channels_last)
     imgs = images(seed, [(300, 400), (360, 270), (200, 330)])
     with torch.no_grad():
         want, got = tv.eval()(imgs), ours.eval()(imgs)
@@ -74,9 +80,9 @@ def test_eval_detections_and_masks_match_torchvision(seed):
         assert score_diff <= 1e-4 and mad < 1e-3
 
 
-@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
-def test_train_losses_match_torchvision(seed, norm, stable_tie_order):
-    tv, ours = pair(norm, TRAIN_SIZE)
+@pytest.mark.parametrize("norm,channels_last", [("bn", False), ("frozen_bn", True)])
+def test_train_losses_match_torchvision(seed, norm, channels_last, stable_tie_order):
+    tv, ours = pair(norm, TRAIN_SIZE, channels_last)
     tv.train()
     ours.train()
     if norm == "frozen_bn":
