@@ -452,6 +452,13 @@ def test_resize_scales_boxes_and_masks(seed):
             if m.any():
                 np.testing.assert_allclose(mask_box_xyxy(m), rt["boxes"][i].numpy(), atol=1.0)
             assert set(np.unique(m).tolist()) <= {0, 1}
+    # an exact 2x upscale: every pixel becomes a 2x2 block, boxes double
+    image, target = torch.rand(3, 12, 18), random_target(rng, 12, 18, 3)
+    ri, rt = Resize(24, 1000)(image, target)
+    assert torch.equal(rt["masks"], target["masks"].repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert torch.equal(rt["boxes"], target["boxes"] * 2)
+    for i in range(3):
+        assert rt["boxes"][i].tolist() == [float(v) for v in mask_box_xyxy(rt["masks"][i].numpy())]
     # identity size: untouched
     image, target = torch.rand(3, 20, 30), random_target(rng, 20, 30, 1)
     ri, rt = Resize(20, 100)(image, target)
