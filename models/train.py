@@ -386,9 +386,9 @@ def find_resume_checkpoint(out_dir: str) -> Optional[str]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, info: DistInfo, batch_size: int = 2,
-             mask_thresh: float = 0.5) -> Optional[Dict[str, Any]]:
+             mask_thresh: float = 0.5, max_images: int = 0) -> Optional[Dict[str, Any]]:
     """COCO bbox and segm AP (instseg_ops.models.data.Evaluator, masks thresholded at
-    ``mask_thresh``) on ``dataset``: every rank predicts its shard of the images and turns its
+    ``mask_thresh``) on ``dataset`` (its first ``max_images`` images if > 0): every rank predicts its shard of the images and turns its
     outputs into COCO results (RLE masks); rank 0 gathers them and scores. Returns
     ``{"bbox": {"AP", "AP50", ...}, "segm": {...}}`` on rank 0, None on the others. The
     caller's RNG streams and the model's train/eval mode are preserved."""
@@ -396,7 +396,8 @@ def evaluate(model: torch.nn.Module, dataset, info: DistInfo, batch_size: int = 
     net = unwrap(model)
     was_training = net.training
     evaluator = Evaluator(dataset, mask_threshold=mask_thresh)
-    indices = list(range(info.rank, len(dataset), info.world_size))
+    n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
+    indices = list(range(info.rank, n, info.world_size))
     net.eval()
     try:
         with preserved_rng(info.device):
@@ -566,13 +567,16 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
                 log(f"warning: replicas differ at iteration {iteration}: {sums}")
         return sums
 
-    def run_eval(iteration: int):
+    def run_eval(iteration: int, final: bool = False):
         if val_set is None or len(val_set) == 0:
             return None
         t0 = time.perf_counter()
-        result = evaluate(model, val_set, info)
+        max_images = 0 if final else preset.eval_images
+        result = evaluate(model, val_set, info, max_images=max_images)
         if info.is_main and result is not None:
-            metrics.write({"iter": iteration, "eval": result, "eval_time": time.perf_counter() - t0})
+            n = min(len(val_set), max_images) if max_images > 0 else len(val_set)
+            metrics.write({"iter": iteration, "eval": result, "eval_images": n,
+                           "eval_time": time.perf_counter() - t0})
             log(f"eval @ {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(result).items()))
         return result
 
@@ -655,7 +659,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             atomic_write_text("model_final.pth\n", os.path.join(out_dir, "last_checkpoint"))
         sums = sync_check(iteration)
         if iteration > start_iter or last_eval is None:
-            last_eval = run_eval(iteration)
+            last_eval = run_eval(iteration, final=True)
         if info.is_main:
             elapsed = time.perf_counter() - t_start
             metrics.write({"iter": iteration, "done": True, "elapsed": elapsed})
@@ -692,6 +696,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--eval-every", type=int, help="evaluate every K iterations (0: only at the end)")
+    p.add_argument("--eval-images", type=int, help="periodic evaluations use the first N val images (0: all)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations (0: only the final one)")
     p.add_argument("--log-every", type=int, help="print a progress line every K iterations")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -710,6 +715,7 @@ def parse_args(argv=None):
 def preset_from_args(args) -> Preset:
     clip = args.clip_grad
     overrides = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, eval_period=args.eval_every,
+                     eval_images=args.eval_images,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,
                      workers=args.workers)
     preset = get_preset(args.preset, **overrides)

@@ -70,8 +70,8 @@ def test_presets_settings():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(p.numel() for p in model.parameters())
     # Shorter schedules scale the milestones; unknown names are refused.
     short = presets.get_preset("shapes_r18_cpu", iters=300)
-    assert short.iters == 300 and list(short.milestones) == [200, 260] and short.warmup_iters <= 75
-    assert presets.PRESETS["shapes_r18_cpu"].iters == 3000  # the registry itself is untouched
+    assert short.iters == 300 and list(short.milestones) == [210, 270] and short.warmup_iters <= 75
+    assert presets.PRESETS["shapes_r18_cpu"].iters == 2000  # the registry itself is untouched
     with pytest.raises(KeyError):
         presets.get_preset("nope")
     with pytest.raises(KeyError):
@@ -185,11 +185,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_evaluation_and_final_checkpoint(shapes_dir, tmp_path):
-    p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, eval_period=1, checkpoint_period=0)
+    p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, eval_period=1, eval_images=1, checkpoint_period=0)
     run = str(tmp_path / "run")
     res = T.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
     evals = [r for r in read_metrics(run) if "eval" in r]
     assert [r["iter"] for r in evals] == [1, 2]
+    assert [r["eval_images"] for r in evals] == [1, 2]  # periodic: the first image; final: all
     for iou in ("bbox", "segm"):
         assert set(evals[-1]["eval"][iou]) >= {"AP", "AP50", "AP75"}
         assert -1.0 <= evals[-1]["eval"][iou]["AP"] <= 1.0
