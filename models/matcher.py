@@ -36,7 +36,13 @@ class Matcher:
 class BalancedSampler:
     """Per image, up to ``batch_size_per_image`` labels: at most ``positive_fraction`` of them
     positive (label >= 1), the rest negative (label 0), each drawn uniformly without
-    replacement with torch.randperm (positives first, then negatives)."""
+    replacement with torch.randperm (positives first, then negatives).
+
+    RNG use: per image, one ``torch.randperm(num_positive)`` then one
+    ``torch.randperm(num_negative)``, the calls torchvision's BalancedPositiveNegativeSampler
+    makes in the same order, so that after the same ``torch.manual_seed`` both pick the same
+    positions. (Same positions give the same samples when the candidates come in the same
+    order; instseg_ops' NMS orders tied scores by index, torchvision's leaves them unspecified.)"""
 
     def __init__(self, batch_size_per_image: int, positive_fraction: float):
         self.batch_size_per_image = batch_size_per_image
