@@ -304,7 +304,7 @@ def test_training_step_reduces_the_loss_of_a_trainable_bn_model(seed):
     assert totals[-1] < totals[0], totals
 
 
-def test_autocast_cpu_bfloat16_eval(seed):
+def test_autocast_cpu_bfloat16_eval_and_training(seed):
     model = tiny_model(norm="frozen_bn").eval()
     images = [torch.rand(3, 100, 120), torch.rand(3, 80, 96)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -312,6 +312,13 @@ def test_autocast_cpu_bfloat16_eval(seed):
     for o, (h, w) in zip(out, [(100, 120), (80, 96)]):
         assert o["masks"].shape[1:] == (1, h, w) and len(o["boxes"]) == len(o["masks"])
         assert torch.isfinite(o["boxes"]).all() and torch.isfinite(o["masks"].float()).all()
+    model.train()
+    targets = box_targets([(100, 120), (80, 96)], [2, 1], torch.Generator().manual_seed(seed))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_bad_targets_raise():
@@ -343,6 +350,9 @@ def test_load_torchvision_weights_from_a_file_and_mismatches(tmp_path, seed):
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="1 missing keys.*1 unexpected keys"):
         load_torchvision_weights(dst, sd)
+    # A checkpoint for another number of classes: the shapes differ.
+    with pytest.raises(RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score.weight"):
+        load_torchvision_weights(tiny_model(num_classes=3), src.state_dict())
 
 
 def test_torchvision_state_dict_loads_strict_and_from_a_path(tmp_path):
