@@ -184,7 +184,8 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
     masks = (masks > 0.5).cpu().numpy()
     drawn = draw_detections(rgb, boxes, labels, scores, masks, names)
     write_png(out_path, drawn)
-    return {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}
+    return {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks,
+            "names": [(names or {}).get(int(lab), str(int(lab))) for lab in labels]}
 
 
 def main(argv=None):
@@ -196,8 +197,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     det = run_demo(args.checkpoint, args.image, args.out, args.score_thresh, args.device)
-    for box, label, score in zip(det["boxes"], det["labels"], det["scores"]):
-        print(f"label {int(label)} score {float(score):.3f} box {[round(float(v), 1) for v in box]}")
+    for box, label, name, score in zip(det["boxes"], det["labels"], det["names"], det["scores"]):
+        print(f"{name} (label {int(label)}) score {float(score):.3f} box {[round(float(v), 1) for v in box]}")
     print(f"{len(det['scores'])} detections >= {args.score_thresh}; wrote {args.out}")
 
 

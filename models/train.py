@@ -542,9 +542,12 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
 
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl") if info.is_main else None,
                          truncate_after=start_iter if ckpt_path is not None else None)
-    if info.is_main and start_iter == 0:
-        metrics.write({"iter": 0, "config": preset.to_dict(), "world_size": info.world_size, "seed": seed,
-                       "device": str(dev)})
+    if info.is_main:
+        header = {"iter": start_iter, "config": preset.to_dict(), "world_size": info.world_size, "seed": seed,
+                  "device": str(dev)}
+        if ckpt_path is not None:
+            header["resumed_from"] = os.path.abspath(ckpt_path)
+        metrics.write(header)
 
     def save_checkpoint(iteration: int, path: str) -> None:
         rng_all = all_gather_objects(get_rng_state(dev), info)

@@ -137,9 +137,12 @@ def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
     assert {"model", "optimizer", "scheduler", "rng_per_rank", "preset", "categories"} <= set(ck)
     assert {"torch", "numpy", "python"} <= set(ck["rng_per_rank"][0])
 
+    # The resumed run loads its data in a worker process: per-sample seeds make the flips the same.
     b = str(tmp_path / "b")
-    res = T.train(p, shapes_dir, b, device="cpu", seed=1, resume_from=os.path.join(a, "checkpoint_0000002.pth"),
-                  log=quiet)
+    p_workers = presets.get_preset("tiny_cpu", iters=4, batch_size=2, checkpoint_period=2, eval_period=0,
+                                   hflip_prob=0.5, workers=1)
+    res = T.train(p_workers, shapes_dir, b, device="cpu", seed=1,
+                  resume_from=os.path.join(a, "checkpoint_0000002.pth"), log=quiet)
     want = [r["loss"] for r in full["losses"][2:]]
     got = [r["loss"] for r in res["losses"]]
     assert [r["iter"] for r in res["losses"]] == [3, 4]
@@ -155,6 +158,17 @@ def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in out["losses"]], want, rtol=0, atol=1e-6)
     its = [r["iter"] for r in read_metrics(a) if "losses" in r]
     assert its == [1, 2, 3, 4]
+
+
+def test_amp_and_gradient_clipping_on_cpu(two_image_dir, tmp_path):
+    # On the CPU --amp means bfloat16 autocast (no grad scaler); clipping logs the gradient norm.
+    p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, amp=True, clip_grad=0.5, eval_period=0)
+    run = str(tmp_path / "run")
+    res = T.train(p, two_image_dir, run, device="cpu", seed=0, log=quiet)
+    assert all(np.isfinite(r["loss"]) for r in res["losses"])
+    recs = [r for r in read_metrics(run) if "losses" in r]
+    assert len(recs) == 2 and all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in recs)
+    assert T.load_checkpoint(os.path.join(run, "model_final.pth"))["scaler"] is None
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
