@@ -220,16 +220,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_gloo_keep_replicas_identical(shapes_dir, tmp_path):
-    run = str(tmp_path / "ddp")
+def torchrun_train(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "instseg_ops.models.train", "--preset", "tiny_cpu", "--data", shapes_dir, "--out", run,
-           "--iters", "3", "--batch-size", "1", "--checkpoint-every", "2", "--eval-every", "0",
-           "--device", "cpu", "--workers", "0"]
+           "-m", "instseg_ops.models.train", "--preset", "tiny_cpu", "--iters", "3", "--batch-size", "1",
+           "--checkpoint-every", "2", "--eval-every", "0", "--device", "cpu", "--workers", "0", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_two_processes_gloo_keep_replicas_identical(shapes_dir, tmp_path):
+    run = str(tmp_path / "ddp")
+    torchrun_train("--data", shapes_dir, "--out", run)
     recs = read_metrics(run)
     sums = [r["replica_checksums"] for r in recs if "replica_checksums" in r]
     assert [r["iter"] for r in recs if "replica_checksums" in r] == [2, 3]
@@ -244,6 +248,16 @@ def test_ddp_two_processes_gloo_keep_replicas_identical(shapes_dir, tmp_path):
     model = T.build_model(presets.Preset.from_dict(ck["preset"]))
     model.load_state_dict(ck["model"])
     assert T.param_checksum(model) == sums[-1][0]
+    # The final evaluation ran sharded over both ranks and was gathered on rank 0.
+    evals = [r for r in recs if "eval" in r]
+    assert len(evals) == 1 and evals[0]["eval_images"] == 2 and "segm" in evals[0]["eval"]
+
+    # Resuming both ranks from the iteration-2 checkpoint gives the same iteration-3 loss and weights.
+    run2 = str(tmp_path / "ddp_resumed")
+    torchrun_train("--data", shapes_dir, "--out", run2, "--resume-from", os.path.join(run, "checkpoint_0000002.pth"))
+    recs2 = read_metrics(run2)
+    assert iteration_losses(recs2) == {3: iteration_losses(recs)[3]}
+    assert [r["replica_checksums"] for r in recs2 if "replica_checksums" in r] == [sums[-1]]
 
 
 # ------------------------------------------------------------------------------------- demo
