@@ -362,6 +362,16 @@ def atomic_write_text(text: str, path: str) -> None:
         raise
 
 
+def prune_checkpoints(out_dir: str, keep: int) -> None:
+    """Deletes all but the newest ``keep`` periodic checkpoints (0: keep all)."""
+    if keep <= 0:
+        return
+    names = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint_") and f.endswith(".pth"))
+    for name in names[:-keep]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out_dir, name))
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -471,10 +481,12 @@ def format_eta(seconds: float) -> str:
 
 
 def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, resume_from: Optional[str] = None,
-          device: Optional[str] = None, seed: int = 0, datasets=None, log=print) -> Dict[str, Any]:
+          device: Optional[str] = None, seed: int = 0, datasets=None, keep_checkpoints: int = 3,
+          log=print) -> Dict[str, Any]:
     """Runs (or resumes) training; returns ``{"iteration", "losses" (per iteration, this run),
-    "eval" (last evaluation or None), "checksum"}`` on every rank. ``datasets``: optional
-    ``(train, val, categories)`` instead of reading ``data_dir``."""
+    "eval" (last evaluation or None), "checksums" (per rank)}`` on every rank. ``datasets``:
+    optional ``(train, val, categories)`` instead of reading ``data_dir``; ``keep_checkpoints``:
+    how many periodic checkpoints to keep (0: all; model_final.pth is always kept)."""
     info = setup_distributed(device)
     dev = info.device
     if dev.type == "cuda":
@@ -655,6 +667,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
                 save_checkpoint(iteration, os.path.join(out_dir, name))
                 if info.is_main:
                     atomic_write_text(name + "\n", os.path.join(out_dir, "last_checkpoint"))
+                    prune_checkpoints(out_dir, keep_checkpoints)
                 sync_check(iteration)
 
         save_checkpoint(iteration, os.path.join(out_dir, "model_final.pth"))
@@ -701,6 +714,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="evaluate every K iterations (0: only at the end)")
     p.add_argument("--eval-images", type=int, help="periodic evaluations use the first N val images (0: all)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations (0: only the final one)")
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="periodic checkpoints kept (0: all); model_final.pth is always written")
     p.add_argument("--log-every", type=int, help="print a progress line every K iterations")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--resume-from", help="continue from this checkpoint file")
@@ -734,7 +749,7 @@ def main(argv=None) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     try:
         return train(preset, args.data, args.out, resume=args.resume, resume_from=args.resume_from,
-                     device=args.device, seed=args.seed)
+                     device=args.device, seed=args.seed, keep_checkpoints=args.keep_checkpoints)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -198,6 +198,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no partial new file either
 
 
+def test_old_checkpoints_are_pruned(two_image_dir, tmp_path):
+    p = presets.get_preset("tiny_cpu", iters=5, batch_size=2, checkpoint_period=1, eval_period=0)
+    run = str(tmp_path / "run")
+    T.train(p, two_image_dir, run, device="cpu", seed=0, keep_checkpoints=2, log=quiet)
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pth")) == [
+        "checkpoint_0000003.pth", "checkpoint_0000004.pth", "model_final.pth"]
+    assert T.find_resume_checkpoint(run) == os.path.join(run, "model_final.pth")
+
+
 def test_evaluation_and_final_checkpoint(shapes_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, eval_period=1, eval_images=1, checkpoint_period=0)
     run = str(tmp_path / "run")
