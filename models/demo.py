@@ -5,7 +5,8 @@
 
 The output PNG has the input's size: each detection's mask alpha-blended in its own colour,
 its box outlined and "label score" written above the box with a built-in 5x7 bitmap font.
-Drawing is plain numpy; PNG reading/writing is instseg_ops.models.data.png.
+Drawing is plain numpy; images are read with instseg_ops.models.data.coco.read_image and written
+with instseg_ops.models.data.png.
 """
 import argparse
 import sys
@@ -14,7 +15,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .data.png import read_png, write_png
+from .data.coco import read_image
+from .data.png import write_png
 
 # 5x7 glyphs: 7 rows per character, the low 5 bits of each row byte are the pixels (MSB left).
 _GLYPHS_HEX = {
@@ -153,25 +155,13 @@ def load_model(checkpoint: str, device: str = "cpu"):
     return model, names
 
 
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    c = a.shape[2]
-    if c == 1:
-        return np.repeat(a, 3, axis=2)
-    if c == 2:  # grey + alpha
-        return np.repeat(a[:, :, :1], 3, axis=2)
-    return np.ascontiguousarray(a[:, :, :3])
-
-
 @torch.no_grad()
 def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: float = 0.5, device: str = "cpu",
              model=None, names=None) -> Dict[str, np.ndarray]:
     """Detects on ``image_path``, writes the drawing to ``out_path``; returns the kept detections."""
     if model is None:
         model, names = load_model(checkpoint, device)
-    rgb = to_rgb(read_png(image_path))
+    rgb = read_image(image_path)  # RGB uint8 [H, W, 3]; PNG always, other formats through Pillow
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0).to(device)
     pred = model([tensor])[0]
     keep = pred["scores"] >= score_thresh
@@ -191,7 +181,7 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m instseg_ops.models.demo", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint written by instseg_ops.models.train")
-    p.add_argument("--image", required=True, help="input PNG")
+    p.add_argument("--image", required=True, help="input image (PNG; other formats need Pillow)")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

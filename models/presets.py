@@ -21,7 +21,7 @@ class Preset:
     model: Dict[str, Any]  # maskrcnn_resnet_fpn keyword arguments (depth, norm, num_classes, sizes, ...)
     iters: int
     batch_size: int  # images per process
-    lr: float  # base learning rate (for the whole batch over all processes)
+    lr: float  # base learning rate (not scaled with the number of processes)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 100

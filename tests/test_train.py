@@ -303,3 +303,8 @@ def test_demo_writes_png_of_the_image_size(shapes_dir, tmp_path):
     assert drawn.shape == (50, SIZE, 3) and drawn.dtype == np.uint8
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # A greyscale input gives an RGB drawing of its size.
+    grey = str(tmp_path / "grey.png")
+    write_png(grey, np.ascontiguousarray(src[:40, :30, 0]))
+    demo.main(["--checkpoint", os.path.join(run, "model_final.pth"), "--image", grey, "--out", out])
+    assert read_png(out).shape == (40, 30, 3)
