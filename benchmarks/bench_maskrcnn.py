@@ -172,6 +172,7 @@ def run_device(device, args, rows):
         o, w = statistics.median(per["ours"][s]), statistics.median(per["tv"][s])
         row = {"device": device, "stage": s, "ours_ms": o, "tv_ms": w, "speedup": w / o if o else None,
                "ours_min_ms": min(per["ours"][s]), "tv_min_ms": min(per["tv"][s]),
+               "ours_samples_ms": per["ours"][s], "tv_samples_ms": per["tv"][s],
                "images": args.images, "size": args.size, "repeats": args.repeats, "agreement": agree,
                "ours_layout": args.ours_layout, "tv_channels_last": args.tv_channels_last}
         rows.append(row)
