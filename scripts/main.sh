@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: sets everything up from nothing, then runs the benchmarks
-# (roi_align, multi-level RoIAlign, NMS, mask pasting) against torchvision on the CPU, plus
-# CUDA when a GPU is present. Results are printed and written as JSON under
-# benchmarks/out/. Extra arguments go to every benchmark (e.g. --quick).
+# (roi_align, multi-level RoIAlign, NMS, mask pasting, Mask R-CNN end to end) against
+# torchvision on the CPU, plus CUDA when a GPU is present, then the demo (scripts/demo.sh:
+# synthetic data, a short training run, evaluation, detections drawn to a PNG). Results are
+# printed and written under benchmarks/out/. Extra arguments go to every benchmark (e.g. --quick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
@@ -10,3 +11,5 @@ source scripts/setup_env.sh
 .venv/bin/python benchmarks/bench_multilevel.py "$@"
 .venv/bin/python benchmarks/bench_nms.py "$@"
 .venv/bin/python benchmarks/bench_paste_masks.py "$@"
+.venv/bin/python benchmarks/bench_maskrcnn.py "$@"
+bash scripts/demo.sh
