@@ -78,7 +78,7 @@ def extensions():
 
 
 setup(
-    packages=find_packages(include=["instseg_ops", "instseg_ops.*"]) + ["instseg_ops.models"],
+    packages=find_packages(include=["instseg_ops", "instseg_ops.*"]) + ["instseg_ops.models", "instseg_ops.models.data"],
     package_dir={"instseg_ops.models": "models"},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
