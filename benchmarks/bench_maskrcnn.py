@@ -67,65 +67,66 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def stages_ours(m, imgs, device):
-    t, rh = {}, m.roi_heads
+class StageClock:
+    """Milliseconds per named stage, synchronising CUDA at each boundary."""
 
-    def mark(name, t0):
+    def __init__(self, device):
+        self.device, self.ms = device, {}
         sync(device)
-        t[name] = (time.perf_counter() - t0) * 1e3
-        return time.perf_counter()
+        self.t0 = time.perf_counter()
 
-    sync(device)
-    t0 = time.perf_counter()
+    def mark(self, name):
+        sync(self.device)
+        now = time.perf_counter()
+        self.ms[name] = (now - self.t0) * 1e3
+        self.t0 = now
+
+
+def attach_masks(dets, mask_logits):
+    """Each detection's mask probabilities (its own class's logits), as both models' eval does."""
+    labels = torch.cat([d["labels"] for d in dets])
+    probs = mask_logits.sigmoid()[torch.arange(len(labels), device=labels.device), labels][:, None]
+    for d, p in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
+        d["masks"] = p
+
+
+def stages_ours(m, imgs, device):
+    rh = m.roi_heads
+    clock = StageClock(device)
     orig = [tuple(i.shape[-2:]) for i in imgs]
     batch, sizes, _ = m.transform(imgs)
     feats = m.backbone(batch)
-    t0 = mark("backbone", t0)
+    clock.mark("backbone")
     props, _ = m.rpn(tuple(batch.shape[-2:]), sizes, feats)
-    t0 = mark("rpn", t0)
+    clock.mark("rpn")
     logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, props, sizes)))
     dets = rh.postprocess(logits, deltas, props, sizes)
-    t0 = mark("box", t0)
-    ml = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, [d["boxes"] for d in dets], sizes)))
-    labels = torch.cat([d["labels"] for d in dets])
-    probs = ml.sigmoid()[torch.arange(len(labels), device=labels.device), labels][:, None]
-    for d, p in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
-        d["masks"] = p
-    t0 = mark("mask", t0)
+    clock.mark("box")
+    attach_masks(dets, rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, [d["boxes"] for d in dets], sizes))))
+    clock.mark("mask")
     out = m.transform.postprocess(dets, sizes, orig)
-    mark("paste", t0)
-    return t, out
+    clock.mark("paste")
+    return clock.ms, out
 
 
 def stages_tv(m, imgs, device):
-    t, rh = {}, m.roi_heads
-
-    def mark(name, t0):
-        sync(device)
-        t[name] = (time.perf_counter() - t0) * 1e3
-        return time.perf_counter()
-
-    sync(device)
-    t0 = time.perf_counter()
+    rh = m.roi_heads
+    clock = StageClock(device)
     orig = [tuple(i.shape[-2:]) for i in imgs]
     il, _ = m.transform(imgs)
     feats = m.backbone(il.tensors)
-    t0 = mark("backbone", t0)
+    clock.mark("backbone")
     props, _ = m.rpn(il, feats)
-    t0 = mark("rpn", t0)
+    clock.mark("rpn")
     logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, props, il.image_sizes)))
     boxes, scores, labels = rh.postprocess_detections(logits, deltas, props, il.image_sizes)
     dets = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
-    t0 = mark("box", t0)
-    ml = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, boxes, il.image_sizes)))
-    lab = torch.cat(labels)
-    probs = ml.sigmoid()[torch.arange(len(lab), device=lab.device), lab][:, None]
-    for d, p in zip(dets, probs.split([len(b) for b in boxes])):
-        d["masks"] = p
-    t0 = mark("mask", t0)
+    clock.mark("box")
+    attach_masks(dets, rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, boxes, il.image_sizes))))
+    clock.mark("mask")
     out = m.transform.postprocess(dets, il.image_sizes, orig)
-    mark("paste", t0)
-    return t, out
+    clock.mark("paste")
+    return clock.ms, out
 
 
 def agreement(o, w):
