@@ -72,6 +72,29 @@ def test_threshold_is_exactly_greater_or_equal(seed, aligned, dtype):
         assert torch.equal(binary, ref)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [(120, 157), (1100, 2003)])  # odd widths; the second is lazily zeroed
+def test_reduced_precision_output_is_the_rounded_float32_paste(seed, aligned, dtype, size):
+    # Values in float32 are rounded once to the output dtype (float16 rows go through a vector
+    # conversion where the CPU has one): equal, bit for bit, to torch's own rounding, including
+    # overflow to inf, subnormals and signed zeros.
+    h, w = size
+    masks, boxes = random_case(n=12, h=h, w=w)
+    boxes[:, 2:] = boxes[:, :2] + (boxes[:, 2:] - boxes[:, :2]) * (w / 200)
+    scale = torch.tensor([1.0, 7e4, 1e-6, -3e-5, 1e-8, 65519.0])[torch.arange(12) % 6]
+    masks = (masks * 2 - 0.5) * scale[:, None, None]
+    masks = masks.to(dtype)
+    out = paste_masks(masks, boxes, (h, w), aligned=aligned)
+    ref = paste_masks(masks.float(), boxes, (h, w), aligned=aligned).to(dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+    crops, regions = paste_masks_crops(masks, boxes, (h, w), aligned=aligned)
+    for i in range(12):
+        x0, y0, x1, y1 = regions[i].tolist()
+        assert torch.equal(crops[i].view(torch.int16), out[i, y0:y1, x0:x1].view(torch.int16))
+
+
 def test_ones_mask_pastes_exactly_its_clipped_integer_box(seed):
     for _ in range(20):
         x0, y0 = torch.randint(-10, 100, (2,)).tolist()
