@@ -63,13 +63,18 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
                         box_bg_iou_thresh: float = 0.5, box_batch_size_per_image: int = 512,
                         box_positive_fraction: float = 0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
                         representation_size: int = 1024, mask_layers=(256, 256, 256, 256),
-                        mask_hidden: int = 256, channels_last: Optional[bool] = None) -> MaskRCNN:
+                        mask_hidden: int = 256, channels_last: Optional[bool] = None,
+                        roi_level_rule: str = "fpn", roi_canonical_scale: float = 224.0) -> MaskRCNN:
     """Mask R-CNN on a ResNet-{18,34,50,101}-FPN. Defaults are torchvision's
     ``maskrcnn_resnet50_fpn`` (its keyword names work as overrides). ``norm``: the backbone's
     normalisation ("frozen_bn" for pretrained weights, "bn" or "gn" to train from scratch);
     ``fpn_norm`` / ``head_norm``: optional normalisation in the FPN and mask head;
     ``channels_last``: memory format of the batched images (None: channels_last on the CPU,
-    see ``DetectionTransform``)."""
+    see ``DetectionTransform``); ``roi_level_rule`` / ``roi_canonical_scale``: which FPN level
+    each RoI is pooled from (``instseg_ops.assign_levels``: "fpn" puts a box of side
+    ``roi_canonical_scale`` on P4, sizes twice as large one level up; torchvision's 224 suits
+    ~800 px images, smaller images want a proportionally smaller scale; "scale_adaptive" uses
+    the box's share of the image area instead)."""
     backbone = resnet_fpn_backbone(depth, norm, trainable_layers, fpn_channels, width, fpn_norm)
     anchors = AnchorGenerator(anchor_sizes, (tuple(aspect_ratios),) * len(anchor_sizes))
     rpn = RegionProposalNetwork(
@@ -78,8 +83,9 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
         {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test}, rpn_nms_thresh, rpn_score_thresh)
     levels = ["0", "1", "2", "3"]
-    box_pool = instseg_ops.MultiScaleRoIAlign(levels, 7, 2)
-    mask_pool = instseg_ops.MultiScaleRoIAlign(levels, 14, 2)
+    level_kw = dict(rule=roi_level_rule, canonical_scale=roi_canonical_scale)
+    box_pool = instseg_ops.MultiScaleRoIAlign(levels, 7, 2, **level_kw)
+    mask_pool = instseg_ops.MultiScaleRoIAlign(levels, 14, 2, **level_kw)
     heads = RoIHeads(
         box_pool, TwoMLPHead(fpn_channels * 7 * 7, representation_size),
         BoxPredictor(representation_size, num_classes), mask_pool, MaskHead(fpn_channels, mask_layers, head_norm),

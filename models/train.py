@@ -103,12 +103,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
     """Linear warmup from ``warmup_factor * base_lr`` to ``base_lr`` over ``warmup_iters``
-    iterations, then multiplied by ``gamma`` at each milestone. Stepped once per iteration."""
+    iterations, then multiplied by ``gamma`` at each milestone (``mode="step"``), or, with
+    ``mode="cosine"``, a half-cosine from ``base_lr`` after warmup down to ``min_factor * base_lr``
+    at ``total_iters`` (milestones ignored). Stepped once per iteration."""
 
     def __init__(self, optimizer, milestones, gamma: float = 0.1, warmup_iters: int = 0,
-                 warmup_factor: float = 1e-3, last_epoch: int = -1):
+                 warmup_factor: float = 1e-3, last_epoch: int = -1, mode: str = "step", total_iters: int = 0,
+                 min_factor: float = 0.0):
+        if mode not in ("step", "cosine"):
+            raise ValueError(f"unknown learning rate schedule {mode!r}; use 'step' or 'cosine'")
+        if mode == "cosine" and total_iters <= warmup_iters:
+            raise ValueError(f"cosine schedule needs total_iters ({total_iters}) > warmup_iters ({warmup_iters})")
         self.milestones = sorted(int(m) for m in milestones)
         self.gamma, self.warmup_iters, self.warmup_factor = gamma, int(warmup_iters), warmup_factor
+        self.mode, self.total_iters, self.min_factor = mode, int(total_iters), float(min_factor)
         super().__init__(optimizer, last_epoch)
 
     def factor(self, it: int) -> float:
@@ -116,6 +124,11 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         if it < self.warmup_iters:
             alpha = it / self.warmup_iters
             f = self.warmup_factor * (1 - alpha) + alpha
+        if self.mode == "cosine":
+            if it < self.warmup_iters:
+                return f
+            t = min(1.0, (it - self.warmup_iters) / (self.total_iters - self.warmup_iters))
+            return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
         return f * self.gamma ** sum(1 for m in self.milestones if it >= m)
 
     def get_lr(self):
@@ -133,7 +146,7 @@ def build_optimizer(model: torch.nn.Module, preset: Preset):
     groups = [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum)
     scheduler = WarmupMultiStepLR(optimizer, preset.milestones, preset.gamma, preset.warmup_iters,
-                                  preset.warmup_factor)
+                                  preset.warmup_factor, mode=preset.schedule, total_iters=preset.iters)
     return optimizer, scheduler
 
 
@@ -487,6 +500,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
     "eval" (last evaluation or None), "checksums" (per rank)}`` on every rank. ``datasets``:
     optional ``(train, val, categories)`` instead of reading ``data_dir``; ``keep_checkpoints``:
     how many periodic checkpoints to keep (0: all; model_final.pth is always kept)."""
+    t_begin = time.perf_counter()  # the time budget counts from here (data loading included)
     info = setup_distributed(device)
     dev = info.device
     if dev.type == "cuda":
@@ -513,6 +527,14 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
     scaler = torch.amp.GradScaler(amp_device, enabled=use_amp and dev.type == "cuda")
 
     start_iter = 0
+    budget_used_before = 0.0
+    budget = 60.0 * float(preset.time_budget or 0.0)
+    if budget > 0:
+        if preset.schedule != "step":
+            raise ValueError("a time budget needs the step schedule (its decays come at fractions of the budget)")
+        if budget <= preset.budget_reserve_s:
+            raise ValueError(f"time budget {budget:.0f} s is not larger than its reserve "
+                             f"({preset.budget_reserve_s:.0f} s for the final evaluation)")
     ckpt_path = resume_from or (find_resume_checkpoint(out_dir) if resume else None)
     if resume and ckpt_path is None and info.is_main:
         log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
@@ -524,6 +546,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_iter = int(ckpt["iteration"])
+        budget_used_before = float(ckpt.get("budget_elapsed", 0.0))
         data_state = ckpt.get("data", {})
         if data_state.get("seed", seed) != seed or data_state.get("global_batch",
                                                                   preset.batch_size * info.world_size) \
@@ -540,6 +563,18 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
         if info.is_main:
             log(f"resumed from {ckpt_path} at iteration {start_iter}")
         del ckpt
+
+    if budget > 0 and ckpt_path is None:
+        scheduler.milestones = []  # set as the budget's fractions pass (budget_milestones)
+
+    def budget_used() -> float:
+        """Seconds of the time budget used so far (the largest over ranks, so that all stop together)."""
+        used = budget_used_before + time.perf_counter() - t_begin
+        if info.distributed:
+            t = torch.tensor([used], dtype=torch.float64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            used = float(t.item())
+        return used
 
     if info.distributed:
         ddp_kwargs = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
@@ -571,6 +606,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             "iteration": iteration, "rng_per_rank": rng_all, "data": batches.state_dict(iteration),
             "preset": preset.to_dict(), "categories": {int(k): str(v) for k, v in (categories or {}).items()},
             "seed": seed, "world_size": info.world_size,
+            "budget_elapsed": budget_used_before + time.perf_counter() - t_begin,
         }
         atomic_save(state, path)
 
@@ -602,7 +638,22 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
     window: List[float] = []
     data_iter = iter(loader)
     try:
+        stopped_by_budget = False
         while iteration < preset.iters:
+            if budget > 0:
+                # Stop early enough for the final checkpoint and evaluation; decay the learning
+                # rate as the budget's fractions pass (the scheduler applies it from the next step).
+                usable = budget - preset.budget_reserve_s
+                frac = budget_used() / usable
+                if frac >= 1.0:
+                    stopped_by_budget = True
+                    break
+                fracs = sorted(preset.budget_milestones)
+                while len(scheduler.milestones) < len(fracs) and frac >= fracs[len(scheduler.milestones)]:
+                    scheduler.milestones.append(max(iteration, 1))
+                    if info.is_main:
+                        log(f"time budget {100 * frac:.0f}% used: learning rate x{preset.gamma} from iteration "
+                            f"{iteration + 1}", flush=True)
             t0 = time.perf_counter()
             images, targets = next(data_iter)
             images, targets = _to_model_inputs(images, targets, dev)
@@ -652,7 +703,9 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
                 if iteration == start_iter + 1 or iteration % max(1, preset.log_period) == 0 \
                         or iteration == preset.iters:
                     per_it = sorted(window)[len(window) // 2]
-                    eta = format_eta(per_it * (preset.iters - iteration))
+                    eta = format_eta(per_it * (preset.iters - iteration) if budget <= 0 else
+                                     budget - preset.budget_reserve_s - (budget_used_before + time.perf_counter()
+                                                                         - t_begin))
                     parts = " ".join(f"{LOSS_SHORT.get(k, k)} {v:.4f}" for k, v in vals.items())
                     mem = ""
                     if dev.type == "cuda":
@@ -678,7 +731,9 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             last_eval = run_eval(iteration, final=True)
         if info.is_main:
             elapsed = time.perf_counter() - t_start
-            metrics.write({"iter": iteration, "done": True, "elapsed": elapsed})
+            metrics.write({"iter": iteration, "done": True, "elapsed": elapsed,
+                           "stopped_by_time_budget": stopped_by_budget,
+                           "budget_elapsed": budget_used_before + time.perf_counter() - t_begin})
             log(f"done: {iteration} iterations, {format_eta(elapsed)} this run; {out_dir}/model_final.pth")
     finally:
         metrics.close()
@@ -711,6 +766,12 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, help="total iterations (milestones scale with it)")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--schedule", choices=["step", "cosine"],
+                   help="learning rate after warmup: step decay at the milestones, or cosine to 0 at --iters")
+    p.add_argument("--warmup", type=int, help="linear warmup iterations")
+    p.add_argument("--time-budget", type=float,
+                   help="train for this many minutes of wall time, final evaluation included (--iters is then an "
+                        "upper bound); the learning rate decays as the preset's budget_milestones fractions pass")
     p.add_argument("--eval-every", type=int, help="evaluate every K iterations (0: only at the end)")
     p.add_argument("--eval-images", type=int, help="periodic evaluations use the first N val images (0: all)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations (0: only the final one)")
@@ -732,7 +793,8 @@ def parse_args(argv=None):
 
 def preset_from_args(args) -> Preset:
     clip = args.clip_grad
-    overrides = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, eval_period=args.eval_every,
+    overrides = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                     warmup_iters=args.warmup, time_budget=args.time_budget, eval_period=args.eval_every,
                      eval_images=args.eval_images,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,
                      workers=args.workers)

@@ -15,7 +15,7 @@ fi
 ckpt=${DEMO_CHECKPOINT:-}
 if [ -z "$ckpt" ]; then
   "$PY" -m instseg_ops.models.train --preset shapes_r18_fast_cpu --data "$OUT/data" --out "$OUT/run" \
-    --iters "${DEMO_ITERS:-200}" --eval-every 0 --log-every 20
+    --iters "${DEMO_ITERS:-200}" --time-budget 0 --eval-every 0 --log-every 20
   ckpt="$OUT/run/model_final.pth"
 fi
 img=$(ls "$OUT"/data/val/*.png | head -n 1)

@@ -248,6 +248,21 @@ def test_maskrcnn_resnet50_fpn_defaults_and_overrides():
     assert m.rpn.eval().post_nms_top_n() == 300 and m.roi_heads.box_predictor.cls_score.out_features == 3
     with pytest.raises(TypeError):
         maskrcnn_resnet50_fpn(no_such_option=1)
+    assert (m.roi_heads.box_roi_pool.rule, m.roi_heads.box_roi_pool.canonical_scale) == ("fpn", 224.0)
+
+
+@pytest.mark.parametrize("rule,scale", [("fpn", 72.0), ("scale_adaptive", 224.0)])
+def test_roi_level_options_reach_both_poolers(seed, rule, scale):
+    model = tiny_model(roi_level_rule=rule, roi_canonical_scale=scale)
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert (pool.rule, pool.canonical_scale) == (rule, scale)
+    gen = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 80, 96, generator=gen)]
+    losses = model.train()(images, box_targets([(96, 128), (80, 96)], [3, 2], gen))
+    assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    out = model.eval()(images)
+    assert len(out) == 2 and all(o["masks"].shape[-2:] == im.shape[-2:] for o, im in zip(out, images))
 
 
 # ---------------------------------------------------------------- the model

@@ -1,9 +1,11 @@
 """Training loop, checkpoints, DDP and demo of instseg_ops.models (tiny CPU configurations)."""
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -90,6 +92,28 @@ def test_warmup_multistep_schedule():
     np.testing.assert_allclose(lrs, [0.0, 0.25, 0.5, 0.75, 1, 1, 0.1, 0.1, 0.01, 0.01], atol=1e-12)
 
 
+def test_warmup_cosine_schedule():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0, momentum=0.9)
+    warm, total = 3, 13
+    sched = T.WarmupMultiStepLR(opt, milestones=(5,), warmup_iters=warm, warmup_factor=0.1, mode="cosine",
+                                total_iters=total)
+    lrs = []
+    for _ in range(total + 2):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expect = [2.0 * (0.1 + 0.9 * i / warm) for i in range(warm)]
+    expect += [2.0 * 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / (total - warm))))
+               for i in range(warm, total + 2)]
+    np.testing.assert_allclose(lrs, expect, atol=1e-12)
+    assert lrs[warm] == 2.0 and lrs[total] == 0.0 and lrs[-1] == 0.0  # milestones ignored, stays at 0
+    with pytest.raises(ValueError, match="schedule"):
+        T.WarmupMultiStepLR(opt, milestones=(), mode="linear")
+    with pytest.raises(ValueError, match="total_iters"):
+        T.WarmupMultiStepLR(opt, milestones=(), warmup_iters=5, mode="cosine", total_iters=5)
+
+
 def test_sharded_batches_cover_and_resume():
     full = T.ShardedBatches(10, 2, seed=1, rank=0, world_size=1)
     it = iter(full)
@@ -125,6 +149,33 @@ def test_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
     assert [r["iter"] for r in its] == list(range(1, 25))
     assert set(its[0]["losses"]) == set(T.LOSS_KEYS) and {"lr", "time", "data_time"} <= set(its[0])
     assert recs[-1].get("done") is True
+
+
+def test_time_budget_stops_and_decays(two_image_dir, tmp_path):
+    # A 6-second budget (1 s kept for the end): training stops on time with iterations to spare,
+    # and the learning rate drops by gamma as each budget fraction passes.
+    p = presets.get_preset("tiny_cpu", iters=100000, batch_size=2, lr=0.02, warmup_iters=0, milestones=(50,),
+                           time_budget=0.1, budget_milestones=(0.5, 0.75), budget_reserve_s=1.0, gamma=0.1,
+                           log_period=100000)
+    t0 = time.perf_counter()
+    result = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    wall = time.perf_counter() - t0
+    n = result["iteration"]
+    assert 3 <= n < 100000 and wall < 6.0 + 30.0, (n, wall)  # + one iteration and the final evaluation
+    recs = read_metrics(str(tmp_path / "run"))
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    assert len(lrs) == n
+    levels = sorted(set(lrs), reverse=True)
+    np.testing.assert_allclose(levels, [0.02, 0.002, 0.0002][:len(levels)], rtol=1e-9)
+    assert len(levels) == 3 and lrs == sorted(lrs, reverse=True)  # both decays happened, in order
+    done = recs[-1]
+    assert done["done"] is True and done["stopped_by_time_budget"] is True
+    assert 5.0 - 0.5 <= done["budget_elapsed"]  # stopped only once budget - reserve was used
+    ck = T.load_checkpoint(str(tmp_path / "run" / "model_final.pth"))
+    assert len(ck["scheduler"]["milestones"]) == 2 and ck["budget_elapsed"] >= 5.0 - 0.5
+    with pytest.raises(ValueError, match="step schedule"):
+        T.train(presets.get_preset("tiny_cpu", time_budget=1.0, schedule="cosine"), two_image_dir,
+                str(tmp_path / "bad"), device="cpu", log=quiet)
 
 
 def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
