@@ -567,9 +567,13 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
     if budget > 0 and ckpt_path is None:
         scheduler.milestones = []  # set as the budget's fractions pass (budget_milestones)
 
+    def budget_used_here() -> float:
+        """Seconds of the time budget this rank has used (earlier runs of a resumed one included)."""
+        return budget_used_before + time.perf_counter() - t_begin
+
     def budget_used() -> float:
         """Seconds of the time budget used so far (the largest over ranks, so that all stop together)."""
-        used = budget_used_before + time.perf_counter() - t_begin
+        used = budget_used_here()
         if info.distributed:
             t = torch.tensor([used], dtype=torch.float64, device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -606,7 +610,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             "iteration": iteration, "rng_per_rank": rng_all, "data": batches.state_dict(iteration),
             "preset": preset.to_dict(), "categories": {int(k): str(v) for k, v in (categories or {}).items()},
             "seed": seed, "world_size": info.world_size,
-            "budget_elapsed": budget_used_before + time.perf_counter() - t_begin,
+            "budget_elapsed": budget_used_here(),
         }
         atomic_save(state, path)
 
@@ -639,16 +643,16 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
     data_iter = iter(loader)
     try:
         stopped_by_budget = False
+        usable = budget - preset.budget_reserve_s  # the rest is kept for the final checkpoint and evaluation
+        fracs = sorted(preset.budget_milestones)
         while iteration < preset.iters:
             if budget > 0:
                 # Stop early enough for the final checkpoint and evaluation; decay the learning
                 # rate as the budget's fractions pass (the scheduler applies it from the next step).
-                usable = budget - preset.budget_reserve_s
                 frac = budget_used() / usable
                 if frac >= 1.0:
                     stopped_by_budget = True
                     break
-                fracs = sorted(preset.budget_milestones)
                 while len(scheduler.milestones) < len(fracs) and frac >= fracs[len(scheduler.milestones)]:
                     scheduler.milestones.append(max(iteration, 1))
                     if info.is_main:
@@ -704,8 +708,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
                         or iteration == preset.iters:
                     per_it = sorted(window)[len(window) // 2]
                     eta = format_eta(per_it * (preset.iters - iteration) if budget <= 0 else
-                                     budget - preset.budget_reserve_s - (budget_used_before + time.perf_counter()
-                                                                         - t_begin))
+                                     usable - budget_used_here())
                     parts = " ".join(f"{LOSS_SHORT.get(k, k)} {v:.4f}" for k, v in vals.items())
                     mem = ""
                     if dev.type == "cuda":
@@ -733,7 +736,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             elapsed = time.perf_counter() - t_start
             metrics.write({"iter": iteration, "done": True, "elapsed": elapsed,
                            "stopped_by_time_budget": stopped_by_budget,
-                           "budget_elapsed": budget_used_before + time.perf_counter() - t_begin})
+                           "budget_elapsed": budget_used_here()})
             log(f"done: {iteration} iterations, {format_eta(elapsed)} this run; {out_dir}/model_final.pth")
     finally:
         metrics.close()

@@ -139,17 +139,15 @@ void paste_one(const scalar_t* mask, const float* box, const PasteParams& p, out
   }
 }
 
-// The masks with a non-empty region, largest `work(region)` first.
-template <typename Work>
-std::vector<int64_t> largest_first(const float* boxes, int64_t N, const PasteParams& p, const Work& work) {
+// The masks with a positive cost(n) (those with a non-empty region), largest first.
+template <typename Cost>
+std::vector<int64_t> largest_first(int64_t N, const Cost& cost_of) {
   std::vector<int64_t> order;
-  std::vector<int64_t> cost(N, 0);
+  std::vector<int64_t> cost(N);
   order.reserve(N);
   for (int64_t n = 0; n < N; ++n) {
-    const Region r = region_of(boxes + n * 4, p);
-    if (r.empty()) continue;
-    cost[n] = work(r);
-    order.push_back(n);
+    cost[n] = cost_of(n);
+    if (cost[n] > 0) order.push_back(n);
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return cost[a] > cost[c]; });
   return order;
@@ -190,13 +188,16 @@ at::Tensor paste_masks_cpu(const at::Tensor& masks_, const at::Tensor& boxes_, i
     const scalar_t* m = masks.const_data_ptr<scalar_t>();
     const float* b = boxes.const_data_ptr<float>();
     const int64_t MM = p.M * p.M;
+    std::vector<Region> regions(N);
+    for (int64_t n = 0; n < N; ++n) regions[n] = region_of(b + n * 4, p);
     // On a lazily zeroed canvas a mask's cost is mostly faulting in the pages of its rows.
-    const std::vector<int64_t> order = largest_first(b, N, p, [&](const Region& r) {
-      return lazy ? (r.y1 - r.y0) * W : r.area();
+    const std::vector<int64_t> order = largest_first(N, [&](int64_t n) {
+      const Region& r = regions[n];
+      return r.empty() ? 0 : lazy ? (r.y1 - r.y0) * W : r.area();
     });
     auto run = [&](auto* canvas) {
       for_each_balanced(order, [&](int64_t n) {
-        const Region r = region_of(b + n * 4, p);
+        const Region& r = regions[n];
         auto* dst = canvas + n * H * W + r.y0 * W + r.x0;
         // Lazily zeroed canvas: fault in the pages of the region's rows in one call.
         if (lazy) populate_for_write(dst, static_cast<size_t>((r.y1 - r.y0 - 1) * W + (r.x1 - r.x0)) * sizeof(*dst));
@@ -238,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paste_masks_crops_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks.scalar_type(), "paste_masks_crops_cpu", [&] {
     const scalar_t* m = masks.const_data_ptr<scalar_t>();
     const int64_t MM = p.M * p.M;
-    const std::vector<int64_t> order = largest_first(b, N, p, [](const Region& r) { return r.area(); });
+    // Crop n's size is its region's area (0 when empty), already summed into the offsets.
+    const std::vector<int64_t> order = largest_first(N, [&](int64_t n) { return off[n + 1] - off[n]; });
     auto run = [&](auto* flat) {
       for_each_balanced(order, [&](int64_t n) {
         paste_one(m + n * MM, b + n * 4, p, flat + off[n], reg[4 * n + 2] - reg[4 * n]);
