@@ -64,7 +64,8 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
                         box_positive_fraction: float = 0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
                         representation_size: int = 1024, mask_layers=(256, 256, 256, 256),
                         mask_hidden: int = 256, channels_last: Optional[bool] = None,
-                        roi_level_rule: str = "fpn", roi_canonical_scale: float = 224.0) -> MaskRCNN:
+                        roi_level_rule: str = "fpn", roi_canonical_scale: float = 224.0,
+                        mask_positives_per_image: int = 0) -> MaskRCNN:
     """Mask R-CNN on a ResNet-{18,34,50,101}-FPN. Defaults are torchvision's
     ``maskrcnn_resnet50_fpn`` (its keyword names work as overrides). ``norm``: the backbone's
     normalisation ("frozen_bn" for pretrained weights, "bn" or "gn" to train from scratch);
@@ -74,7 +75,8 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
     each RoI is pooled from (``instseg_ops.assign_levels``: "fpn" puts a box of side
     ``roi_canonical_scale`` on P4, sizes twice as large one level up; torchvision's 224 suits
     ~800 px images, smaller images want a proportionally smaller scale; "scale_adaptive" uses
-    the box's share of the image area instead)."""
+    the box's share of the image area instead); ``mask_positives_per_image``: train the mask head on
+    at most this many of an image's positive RoIs, drawn at random (0: all of them, as torchvision)."""
     backbone = resnet_fpn_backbone(depth, norm, trainable_layers, fpn_channels, width, fpn_norm)
     anchors = AnchorGenerator(anchor_sizes, (tuple(aspect_ratios),) * len(anchor_sizes))
     rpn = RegionProposalNetwork(
@@ -91,7 +93,7 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
         BoxPredictor(representation_size, num_classes), mask_pool, MaskHead(fpn_channels, mask_layers, head_norm),
         MaskPredictor(mask_layers[-1], mask_hidden, num_classes), box_fg_iou_thresh, box_bg_iou_thresh,
         box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh,
-        box_detections_per_img)
+        box_detections_per_img, mask_positives_per_image)
     transform = DetectionTransform(min_size, max_size, image_mean, image_std, channels_last=channels_last)
     return MaskRCNN(backbone, rpn, heads, transform)
 

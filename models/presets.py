@@ -22,8 +22,9 @@ class Preset:
     iters: int
     batch_size: int  # images per process
     lr: float  # base learning rate (not scaled with the number of processes)
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (decoupled weight decay)
     warmup_iters: int = 100
     warmup_factor: float = 1e-3  # lr multiplier at iteration 0, linearly up to 1 at warmup_iters
     milestones: Tuple[int, ...] = ()

@@ -95,7 +95,8 @@ class RoIHeads(nn.Module):
                  mask_predictor: Optional[nn.Module] = None, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                  bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100):
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+                 mask_positives_per_image: int = 0):
         super().__init__()
         self.box_roi_pool, self.box_head, self.box_predictor = box_roi_pool, box_head, box_predictor
         self.mask_roi_pool, self.mask_head, self.mask_predictor = mask_roi_pool, mask_head, mask_predictor
@@ -103,6 +104,12 @@ class RoIHeads(nn.Module):
         self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         self.box_coder = BoxCoder(bbox_reg_weights)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        if mask_positives_per_image < 0:
+            raise ValueError(f"mask_positives_per_image must be >= 0, got {mask_positives_per_image}")
+        # The mask loss uses at most this many positive RoIs per image (a random subset; 0: all).
+        # Positives are many overlapping proposals of a few objects, so a subset keeps most of
+        # the signal at a fraction of the mask head's cost.
+        self.mask_positives_per_image = mask_positives_per_image
 
     def has_mask(self) -> bool:
         return self.mask_predictor is not None
@@ -188,6 +195,9 @@ class RoIHeads(nn.Module):
         if self.has_mask():
             if self.training:
                 pos = [torch.where(lab > 0)[0] for lab in labels]
+                k = self.mask_positives_per_image
+                if k > 0:
+                    pos = [i[torch.randperm(i.numel(), device=i.device)[:k]] if i.numel() > k else i for i in pos]
                 mask_boxes = [p[i] for p, i in zip(proposals, pos)]
                 pos_matched = [m[i] for m, i in zip(matched, pos)]
             else:

@@ -137,14 +137,20 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
 
 
 def build_optimizer(model: torch.nn.Module, preset: Preset):
-    """SGD with momentum; no weight decay on normalisation parameters and biases."""
+    """SGD with momentum (``preset.optimizer == "sgd"``) or AdamW (``"adamw"``, decoupled weight
+    decay); no weight decay on normalisation parameters and biases."""
+    if preset.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"unknown optimizer {preset.optimizer!r}; use 'sgd' or 'adamw'")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum)
+    if preset.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=preset.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum)
     scheduler = WarmupMultiStepLR(optimizer, preset.milestones, preset.gamma, preset.warmup_iters,
                                   preset.warmup_factor, mode=preset.schedule, total_iters=preset.iters)
     return optimizer, scheduler
@@ -769,6 +775,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, help="total iterations (milestones scale with it)")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="SGD with momentum, or AdamW")
+    p.add_argument("--weight-decay", type=float, help="weight decay (not on normalisation parameters and biases)")
     p.add_argument("--schedule", choices=["step", "cosine"],
                    help="learning rate after warmup: step decay at the milestones, or cosine to 0 at --iters")
     p.add_argument("--warmup", type=int, help="linear warmup iterations")
@@ -797,6 +805,7 @@ def parse_args(argv=None):
 def preset_from_args(args) -> Preset:
     clip = args.clip_grad
     overrides = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                     optimizer=args.optimizer, weight_decay=args.weight_decay,
                      warmup_iters=args.warmup, time_budget=args.time_budget, eval_period=args.eval_every,
                      eval_images=args.eval_images,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,

@@ -265,6 +265,26 @@ def test_roi_level_options_reach_both_poolers(seed, rule, scale):
     assert len(out) == 2 and all(o["masks"].shape[-2:] == im.shape[-2:] for o, im in zip(out, images))
 
 
+def test_mask_positives_per_image_caps_the_mask_heads_rois(seed):
+    gen = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 80, 96, generator=gen)]
+    targets = box_targets([(96, 128), (80, 96)], [3, 2], gen)
+    counts = {}
+    for cap in (0, 1):
+        torch.manual_seed(seed)
+        model = tiny_model(mask_positives_per_image=cap)
+        seen = []
+        model.roi_heads.mask_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+        losses = model.train()(images, targets)
+        assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"] > 0
+        counts[cap] = seen[0]
+    # Every ground-truth box is also a proposal, so without the cap the mask head sees at least
+    # the 5 of them; with a cap of 1 it sees one RoI per image.
+    assert counts[0] >= 5 and counts[1] == 2
+    with pytest.raises(ValueError, match="mask_positives_per_image"):
+        tiny_model(mask_positives_per_image=-1)
+
+
 # ---------------------------------------------------------------- the model
 
 def test_training_with_and_without_annotations_and_eval_without_detections(seed):

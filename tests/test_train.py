@@ -114,6 +114,33 @@ def test_warmup_cosine_schedule():
         T.WarmupMultiStepLR(opt, milestones=(), warmup_iters=5, mode="cosine", total_iters=5)
 
 
+def test_optimizer_choice_and_weight_decay_groups():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        p = presets.get_preset("tiny_cpu", optimizer=name, weight_decay=0.05, lr=1e-3)
+        opt, _ = T.build_optimizer(model, p)
+        assert type(opt) is cls
+        decay, no_decay = opt.param_groups
+        # Only the convolution's weight is decayed; its bias and the norm's affine parameters are not.
+        assert [t.shape for t in decay["params"]] == [model[0].weight.shape] and decay["weight_decay"] == 0.05
+        assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    args = T.parse_args(["--preset", "tiny_cpu", "--data", "d", "--out", "o", "--optimizer", "adamw",
+                         "--weight-decay", "0.05"])
+    p = T.preset_from_args(args)
+    assert (p.optimizer, p.weight_decay) == ("adamw", 0.05)
+    with pytest.raises(ValueError, match="optimizer"):
+        T.build_optimizer(model, presets.get_preset("tiny_cpu", optimizer="adam"))
+
+
+def test_adamw_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
+    p = presets.get_preset("tiny_cpu", iters=24, batch_size=2, lr=2e-3, optimizer="adamw", weight_decay=0.05,
+                           warmup_iters=3, milestones=(), hflip_prob=0.0, log_period=1000)
+    result = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    losses = [r["loss"] for r in result["losses"]]
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+
+
 def test_sharded_batches_cover_and_resume():
     full = T.ShardedBatches(10, 2, seed=1, rank=0, world_size=1)
     it = iter(full)
