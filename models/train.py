@@ -136,21 +136,25 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         return [base * f for base in self.base_lrs]
 
 
+# ``preset.optimizer`` -> a builder of the optimizer from the parameter groups and the preset.
+OPTIMIZERS = {
+    "sgd": lambda groups, preset: torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum),
+    "adamw": lambda groups, preset: torch.optim.AdamW(groups, lr=preset.lr),  # decoupled weight decay
+}
+
+
 def build_optimizer(model: torch.nn.Module, preset: Preset):
-    """SGD with momentum (``preset.optimizer == "sgd"``) or AdamW (``"adamw"``, decoupled weight
-    decay); no weight decay on normalisation parameters and biases."""
-    if preset.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"unknown optimizer {preset.optimizer!r}; use 'sgd' or 'adamw'")
+    """The preset's optimizer (``OPTIMIZERS``: SGD with momentum or AdamW); no weight decay on
+    normalisation parameters and biases."""
+    if preset.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {preset.optimizer!r}; use one of {sorted(OPTIMIZERS)}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if preset.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=preset.lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum)
+    optimizer = OPTIMIZERS[preset.optimizer](groups, preset)
     scheduler = WarmupMultiStepLR(optimizer, preset.milestones, preset.gamma, preset.warmup_iters,
                                   preset.warmup_factor, mode=preset.schedule, total_iters=preset.iters)
     return optimizer, scheduler
@@ -775,7 +779,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, help="total iterations (milestones scale with it)")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float, help="base learning rate")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="SGD with momentum, or AdamW")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="SGD with momentum, or AdamW")
     p.add_argument("--weight-decay", type=float, help="weight decay (not on normalisation parameters and biases)")
     p.add_argument("--schedule", choices=["step", "cosine"],
                    help="learning rate after warmup: step decay at the milestones, or cosine to 0 at --iters")
