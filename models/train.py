@@ -292,11 +292,12 @@ def build_datasets(data_dir: str, preset: Preset):
     from .data import CocoInstanceDataset, Compose, RandomHorizontalFlip
     ann = os.path.join(data_dir, "annotations", "instances_{}.json")
     transforms = Compose([RandomHorizontalFlip(preset.hflip_prob)]) if preset.hflip_prob > 0 else None
+    cache = preset.cache_data
     train_set = CocoInstanceDataset(os.path.join(data_dir, "train"), ann.format("train"), transforms=transforms,
-                                    remove_empty=True)
+                                    remove_empty=True, cache=cache)
     val_set = None
     if os.path.exists(ann.format("val")) and os.path.isdir(os.path.join(data_dir, "val")):
-        val_set = CocoInstanceDataset(os.path.join(data_dir, "val"), ann.format("val"))
+        val_set = CocoInstanceDataset(os.path.join(data_dir, "val"), ann.format("val"), cache=cache)
     names = {i: n for i, n in enumerate(train_set.class_names) if i > 0}
     return train_set, val_set, names
 
@@ -800,6 +801,9 @@ def parse_args(argv=None):
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to X (0: no clipping)")
     p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument("--cache-data", action="store_true", default=None,
+                   help="keep decoded images and masks in memory (default: the preset's choice)")
+    p.add_argument("--no-cache-data", dest="cache_data", action="store_false")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads per process (default: torch's choice)")
@@ -813,7 +817,7 @@ def preset_from_args(args) -> Preset:
                      warmup_iters=args.warmup, time_budget=args.time_budget, eval_period=args.eval_every,
                      eval_images=args.eval_images,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,
-                     workers=args.workers)
+                     workers=args.workers, cache_data=args.cache_data)
     preset = get_preset(args.preset, **overrides)
     if clip is not None:
         preset.clip_grad = clip if clip > 0 else None

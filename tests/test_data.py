@@ -299,6 +299,27 @@ def test_dataset_on_generated_split(seed, shapes_dir):
         assert (target["iscrowd"] == 0).all()
 
 
+def test_dataset_cache_returns_equal_independent_items(seed, shapes_dir):
+    """cache=True: every item equals the uncached one (same flips), and changing a returned
+    image or target in place does not change what the cache hands out next."""
+    args = (os.path.join(shapes_dir, "val"), os.path.join(shapes_dir, "annotations", "instances_val.json"))
+    plain = CocoInstanceDataset(*args, transforms=Compose([RandomHorizontalFlip(0.5, torch.Generator().manual_seed(seed))]))
+    cached = CocoInstanceDataset(*args, transforms=Compose([RandomHorizontalFlip(0.5, torch.Generator().manual_seed(seed))]),
+                                 cache=True)
+    for rep in range(3):
+        for i in range(len(plain)):
+            (a, ta), (b, tb) = plain[i], cached[i]
+            assert torch.equal(a, b)
+            assert set(ta) == set(tb)
+            for k in ta:
+                assert torch.equal(ta[k], tb[k]) if isinstance(ta[k], torch.Tensor) else ta[k] == tb[k], k
+            b.fill_(-1.0)  # the caller scribbles over what it got
+            for v in tb.values():
+                if isinstance(v, torch.Tensor):
+                    v.fill_(7)
+    assert len(cached._cache) == len(cached) and plain._cache is None
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f)

@@ -130,6 +130,12 @@ def test_optimizer_choice_and_weight_decay_groups():
                          "--weight-decay", "0.05"])
     p = T.preset_from_args(args)
     assert (p.optimizer, p.weight_decay) == ("adamw", 0.05)
+    assert not p.cache_data  # tiny_cpu's default
+    base = ["--preset", "shapes_r18_fast_cpu", "--data", "d", "--out", "o"]
+    assert T.preset_from_args(T.parse_args(base)).cache_data
+    assert not T.preset_from_args(T.parse_args(base + ["--no-cache-data"])).cache_data
+    assert T.preset_from_args(T.parse_args(["--preset", "tiny_cpu", "--data", "d", "--out", "o",
+                                            "--cache-data"])).cache_data
     with pytest.raises(ValueError, match="optimizer"):
         T.build_optimizer(model, presets.get_preset("tiny_cpu", optimizer="adam"))
 

@@ -131,13 +131,16 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     skip_crowd: leave out iscrowd=1 annotations (for training targets).
     skip_degenerate: leave out annotations whose box (clipped to the image) has no area.
     remove_empty: leave out images with no annotations left (after the two options above).
+    cache: keep each image and target in memory once decoded (the pixels as uint8, the
+    masks as uint8), so later epochs skip the PNG and RLE decoding; about
+    H * W * (3 + instances) bytes per image, per process (each DataLoader worker has its own).
 
     Category ids are mapped to contiguous labels 1..C in increasing id order:
     ``cat_id_to_contiguous`` and ``contiguous_to_cat_id`` (a dict; 0 is background).
     """
 
     def __init__(self, root_images, ann_file, transforms=None, skip_crowd=True, skip_degenerate=True,
-                 remove_empty=False):
+                 remove_empty=False, cache=False):
         if not os.path.isdir(root_images):
             raise FileNotFoundError(f"image folder not found: {root_images}")
         self.root = root_images
@@ -160,6 +163,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             ids = [i for i in ids if self._kept(self.anns_by_image[i], self.images[i])]
         self.ids = ids
         self._coco = None
+        self._cache = {} if cache else None
 
     @property
     def num_classes(self):
@@ -232,11 +236,20 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             "area": area,
         }
 
+    def _load(self, image_id):
+        if self._cache is None:
+            return self.load_image(image_id), self.load_target(image_id)
+        item = self._cache.get(image_id)
+        if item is None:
+            item = self._cache[image_id] = (self.load_image(image_id), self.load_target(image_id))
+        img, target = item
+        # Copies, so that transforms or callers changing them in place cannot alter the cache.
+        return img, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+
     def __getitem__(self, index):
         image_id = self.ids[index]
-        img = self.load_image(image_id)
+        img, target = self._load(image_id)
         image = torch.from_numpy(img).permute(2, 0, 1).contiguous().to(torch.float32).div_(255.0)
-        target = self.load_target(image_id)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
