@@ -50,7 +50,7 @@ class _GroupNormChannelsLast(torch.autograd.Function):
     2-core VM), and it was ~10% of a training iteration of the small CPU preset. This
     backward works on the [N, H*W, C] view of the same memory: per (image, channel) sums of
     dy and dy * x (reductions over the outer dimension, vectorised along C), the per-group
-    coefficients from them, then dx = a * dy + b * x + c in two fused passes.
+    coefficients from them, then dx = a * dy + b * x + c (two addcmul passes).
     """
 
     @staticmethod
@@ -109,14 +109,14 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(groups, num_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if (channels_last and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and x.shape[2] * x.shape[3] >= _GN_CL_MIN_PIXELS and self.affine
                 and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
                 and not torch.compiler.is_compiling()):
             return _GroupNormChannelsLast.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         out = super().forward(x)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if channels_last:
             # The CPU kernel keeps channels_last but torch's fake (meta) group_norm returns the
             # standard layout, so a compiled graph would assume the wrong strides downstream.
             # Stating the layout keeps traced and eager strides equal (a no-op when eager).
