@@ -36,6 +36,10 @@ class Preset:
     time_budget: float = 0.0
     budget_milestones: Tuple[float, ...] = (0.8, 0.93)
     budget_reserve_s: float = 45.0
+    # Progressive resizing: ((fraction, scale), ...) trains with images resized by ``scale`` times
+    # the model's size until that fraction of the run has passed (of the time budget when one is
+    # set, else of ``iters``), then at full size. Evaluation always uses the full size.
+    scale_schedule: Tuple[Tuple[float, float], ...] = ()
     eval_period: int = 0  # 0: evaluate only at the end
     eval_images: int = 0  # periodic evaluations use the first N val images (0: all); the final one uses all
     checkpoint_period: int = 0  # 0: only the final checkpoint
@@ -52,6 +56,7 @@ class Preset:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         d["budget_milestones"] = list(self.budget_milestones)
+        d["scale_schedule"] = [list(x) for x in self.scale_schedule]
         return d
 
     @classmethod
@@ -60,6 +65,8 @@ class Preset:
         d["milestones"] = tuple(d.get("milestones", ()))
         if "budget_milestones" in d:
             d["budget_milestones"] = tuple(d["budget_milestones"])
+        if "scale_schedule" in d:
+            d["scale_schedule"] = tuple((float(f), float(s)) for f, s in d["scale_schedule"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -162,5 +169,7 @@ def get_preset(name: str, **overrides) -> Preset:
     if unknown:
         raise KeyError(f"unknown preset fields: {sorted(unknown)}")
     for k, v in overrides.items():
+        if k == "scale_schedule":
+            v = tuple((float(f), float(s)) for f, s in v)
         setattr(p, k, tuple(v) if k in ("milestones", "budget_milestones") else v)
     return p

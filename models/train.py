@@ -30,7 +30,7 @@ import random
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -504,6 +504,26 @@ def format_eta(seconds: float) -> str:
 # training
 
 
+def scale_at(schedule: Sequence[Tuple[float, float]], frac: float) -> float:
+    """The training image scale of a progressive-resizing ``schedule`` (``Preset.scale_schedule``)
+    once ``frac`` of the run has passed: the scale of the first entry whose fraction is not yet
+    reached, else 1."""
+    for until, scale in sorted(schedule):
+        if frac < until:
+            return float(scale)
+    return 1.0
+
+
+def check_scale_schedule(schedule: Sequence[Tuple[float, float]]) -> None:
+    for entry in schedule:
+        if len(entry) != 2:
+            raise ValueError(f"scale_schedule entries are (fraction, scale) pairs, got {entry!r}")
+        until, scale = entry
+        if not (0.0 < float(until) <= 1.0) or not (0.0 < float(scale) <= 4.0):
+            raise ValueError(f"scale_schedule entry {entry!r}: the fraction must be in (0, 1] and the scale in "
+                             "(0, 4]")
+
+
 def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, resume_from: Optional[str] = None,
           device: Optional[str] = None, seed: int = 0, datasets=None, keep_checkpoints: int = 3,
           log=print) -> Dict[str, Any]:
@@ -546,6 +566,7 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
         if budget <= preset.budget_reserve_s:
             raise ValueError(f"time budget {budget:.0f} s is not larger than its reserve "
                              f"({preset.budget_reserve_s:.0f} s for the final evaluation)")
+    check_scale_schedule(preset.scale_schedule)
     ckpt_path = resume_from or (find_resume_checkpoint(out_dir) if resume else None)
     if resume and ckpt_path is None and info.is_main:
         log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
@@ -656,7 +677,9 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
         stopped_by_budget = False
         usable = budget - preset.budget_reserve_s  # the rest is kept for the final checkpoint and evaluation
         fracs = sorted(preset.budget_milestones)
+        train_scale = None
         while iteration < preset.iters:
+            frac = iteration / preset.iters
             if budget > 0:
                 # Stop early enough for the final checkpoint and evaluation; decay the learning
                 # rate as the budget's fractions pass (the scheduler applies it from the next step).
@@ -669,6 +692,16 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
                     if info.is_main:
                         log(f"time budget {100 * frac:.0f}% used: learning rate x{preset.gamma} from iteration "
                             f"{iteration + 1}", flush=True)
+            if preset.scale_schedule:
+                # Progressive resizing (the fraction is the same on every rank: the budget's is
+                # the maximum over ranks).
+                new_scale = scale_at(preset.scale_schedule, frac)
+                if new_scale != train_scale:
+                    train_scale = new_scale
+                    unwrap(model).transform.train_scale = new_scale
+                    if info.is_main:
+                        log(f"training images at {new_scale:g}x the model's size from iteration {iteration + 1}",
+                            flush=True)
             t0 = time.perf_counter()
             images, targets = next(data_iter)
             images, targets = _to_model_inputs(images, targets, dev)
@@ -772,6 +805,17 @@ def _headline(result: Dict[str, Any]) -> Dict[str, float]:
 # command line
 
 
+def parse_scale_schedule(text: str) -> Tuple[Tuple[float, float], ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        out = tuple((float(f), float(v)) for f, v in (part.split(":") for part in text.split(",")))
+        check_scale_schedule(out)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad scale schedule {text!r} (want FRACTION:SCALE[,...]): {e}")
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m instseg_ops.models.train", description=__doc__.split("\n")[0])
     p.add_argument("--preset", required=True, choices=preset_names())
@@ -788,6 +832,10 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float,
                    help="train for this many minutes of wall time, final evaluation included (--iters is then an "
                         "upper bound); the learning rate decays as the preset's budget_milestones fractions pass")
+    p.add_argument("--scale-schedule", type=parse_scale_schedule,
+                   help="progressive resizing: FRACTION:SCALE[,FRACTION:SCALE...] trains at SCALE times the "
+                        "image size until FRACTION of the run (of the time budget, else of --iters) has passed, "
+                        "e.g. 0.6:0.75; 'none' trains at full size throughout")
     p.add_argument("--eval-every", type=int, help="evaluate every K iterations (0: only at the end)")
     p.add_argument("--eval-images", type=int, help="periodic evaluations use the first N val images (0: all)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations (0: only the final one)")
@@ -817,7 +865,7 @@ def preset_from_args(args) -> Preset:
                      warmup_iters=args.warmup, time_budget=args.time_budget, eval_period=args.eval_every,
                      eval_images=args.eval_images,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,
-                     workers=args.workers, cache_data=args.cache_data)
+                     workers=args.workers, cache_data=args.cache_data, scale_schedule=args.scale_schedule)
     preset = get_preset(args.preset, **overrides)
     if clip is not None:
         preset.clip_grad = clip if clip > 0 else None

@@ -28,7 +28,11 @@ class DetectionTransform(nn.Module):
     ``channels_last``: the batch's memory format (the convolutions, RoIAlign and the heads
     follow the input's format; the values are the same up to float rounding). ``None``
     (default): channels_last for CPU batches, where oneDNN's convolutions run about 15-20%
-    faster in it, the standard layout elsewhere."""
+    faster in it, the standard layout elsewhere.
+
+    ``train_scale``: in training mode the resize factor is multiplied by it (progressive
+    resizing: the trainer lowers it for the first part of a run, see ``Preset.scale_schedule``);
+    evaluation always uses the full size."""
 
     def __init__(self, min_size, max_size: int, image_mean: Sequence[float], image_std: Sequence[float],
                  size_divisible: int = 32, channels_last: Optional[bool] = None):
@@ -38,6 +42,7 @@ class DetectionTransform(nn.Module):
         self.image_mean, self.image_std = list(image_mean), list(image_std)
         self.size_divisible = size_divisible
         self.channels_last = channels_last
+        self.train_scale = 1.0
 
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
@@ -53,6 +58,8 @@ class DetectionTransform(nn.Module):
         else:
             size = self.min_size[-1]
         scale = min(size / min(h, w), self.max_size / max(h, w))
+        if self.training:
+            scale *= self.train_scale
         image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                               align_corners=False)[0]
         if target is not None:

@@ -213,6 +213,70 @@ def test_time_budget_stops_and_decays(two_image_dir, tmp_path):
                 str(tmp_path / "bad"), device="cpu", log=quiet)
 
 
+def test_scale_schedule_helpers_cli_and_preset_round_trip(two_image_dir, tmp_path):
+    sch = ((0.5, 0.5), (0.8, 0.75))
+    assert [T.scale_at(sch, f) for f in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+    assert T.scale_at(((0.8, 0.75), (0.5, 0.5)), 0.6) == 0.75  # the order of the entries does not matter
+    assert T.scale_at((), 0.0) == 1.0
+    base = ["--preset", "tiny_cpu", "--data", "d", "--out", "o"]
+    p = T.preset_from_args(T.parse_args(base + ["--scale-schedule", "0.5:0.5,0.8:0.75"]))
+    assert p.scale_schedule == sch
+    assert presets.Preset.from_dict(json.loads(json.dumps(p.to_dict()))).scale_schedule == sch
+    assert T.preset_from_args(T.parse_args(base + ["--scale-schedule", "none"])).scale_schedule == ()
+    assert T.preset_from_args(T.parse_args(base)).scale_schedule == presets.get_preset("tiny_cpu").scale_schedule
+    for bad in ("0.5", "1.5:0.5", "0.5:0", "a:b", "0.5:0.5:1"):
+        with pytest.raises(SystemExit):
+            T.parse_args(base + ["--scale-schedule", bad])
+    with pytest.raises(ValueError, match="scale_schedule"):
+        T.train(presets.get_preset("tiny_cpu", scale_schedule=((0.5, -1.0),)), two_image_dir, str(tmp_path / "bad"),
+                device="cpu", log=quiet)
+
+
+def test_transform_train_scale_applies_only_in_training():
+    from instseg_ops.models.transform import DetectionTransform
+    t = DetectionTransform(64, 64, [0.0] * 3, [1.0] * 3, channels_last=False)
+    img = torch.rand(3, 64, 64)
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 16:48] = 1
+    target = {"boxes": torch.tensor([[16.0, 8.0, 48.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}
+    t.train_scale = 0.5
+    t.train()
+    batch, sizes, targets = t([img], [target])
+    assert batch.shape == (1, 3, 32, 32) and sizes == [(32, 32)]
+    torch.testing.assert_close(targets[0]["boxes"], target["boxes"] / 2)
+    assert torch.equal(targets[0]["masks"], masks[:, ::2, ::2])  # nearest, exact factor 2
+    torch.testing.assert_close(batch[0], torch.nn.functional.interpolate(img[None], size=(32, 32), mode="bilinear",
+                                                                         align_corners=False)[0])
+    t.eval()
+    batch, sizes, _ = t([img])
+    assert batch.shape == (1, 3, 64, 64) and sizes == [(64, 64)]
+    torch.testing.assert_close(batch[0], img)
+
+
+def test_training_follows_the_scale_schedule(two_image_dir, tmp_path, monkeypatch):
+    # Iterations 1-2 of 4 at half size, 3-4 at full size: the backbone sees it.
+    seen = []
+    build = T.build_model
+
+    def build_and_watch(preset):
+        model = build(preset)
+        model.backbone.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+        return model
+
+    monkeypatch.setattr(T, "build_model", build_and_watch)
+    lines = []
+    p = presets.get_preset("tiny_cpu", iters=4, batch_size=2, scale_schedule=((0.5, 0.5),), eval_period=0,
+                           log_period=1000)
+    res = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0,
+                  log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert seen == [(32, 32), (32, 32), (64, 64), (64, 64)], seen
+    assert all(np.isfinite(r["loss"]) for r in res["losses"])
+    assert any("0.5x" in line and "iteration 1" in line for line in lines), lines
+    assert any("1x" in line and "iteration 3" in line for line in lines), lines
+    ck = T.load_checkpoint(str(tmp_path / "run" / "model_final.pth"))
+    assert presets.Preset.from_dict(ck["preset"]).scale_schedule == ((0.5, 0.5),)
+
+
 def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=4, batch_size=2, checkpoint_period=2, eval_period=0, hflip_prob=0.5)
     a = str(tmp_path / "a")
