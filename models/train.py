@@ -612,6 +612,8 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             used = float(t.item())
         return used
 
+    if preset.scale_schedule and not hasattr(model, "transform"):
+        raise ValueError(f"scale_schedule needs a model with a DetectionTransform, got {type(model).__name__}")
     if info.distributed:
         ddp_kwargs = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
         model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
