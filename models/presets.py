@@ -66,9 +66,14 @@ class Preset:
         if "budget_milestones" in d:
             d["budget_milestones"] = tuple(d["budget_milestones"])
         if "scale_schedule" in d:
-            d["scale_schedule"] = tuple((float(f), float(s)) for f, s in d["scale_schedule"])
+            d["scale_schedule"] = _float_pairs(d["scale_schedule"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _float_pairs(pairs) -> Tuple[Tuple[float, float], ...]:
+    """``scale_schedule`` as a tuple of (fraction, scale) float pairs (from lists, e.g. JSON)."""
+    return tuple((float(f), float(s)) for f, s in pairs)
 
 
 def _small_image_model(depth: int, size: int, fpn_channels: int, representation_size: int, mask_channels: int,
@@ -172,6 +177,6 @@ def get_preset(name: str, **overrides) -> Preset:
         raise KeyError(f"unknown preset fields: {sorted(unknown)}")
     for k, v in overrides.items():
         if k == "scale_schedule":
-            v = tuple((float(f), float(s)) for f, s in v)
+            v = _float_pairs(v)
         setattr(p, k, tuple(v) if k in ("milestones", "budget_milestones") else v)
     return p

@@ -567,6 +567,8 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             raise ValueError(f"time budget {budget:.0f} s is not larger than its reserve "
                              f"({preset.budget_reserve_s:.0f} s for the final evaluation)")
     check_scale_schedule(preset.scale_schedule)
+    if preset.scale_schedule and not hasattr(model, "transform"):
+        raise ValueError(f"scale_schedule needs a model with a DetectionTransform, got {type(model).__name__}")
     ckpt_path = resume_from or (find_resume_checkpoint(out_dir) if resume else None)
     if resume and ckpt_path is None and info.is_main:
         log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
@@ -612,8 +614,6 @@ def train(preset: Preset, data_dir: str, out_dir: str, *, resume: bool = False, 
             used = float(t.item())
         return used
 
-    if preset.scale_schedule and not hasattr(model, "transform"):
-        raise ValueError(f"scale_schedule needs a model with a DetectionTransform, got {type(model).__name__}")
     if info.distributed:
         ddp_kwargs = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
         model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
