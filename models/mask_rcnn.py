@@ -65,7 +65,7 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
                         representation_size: int = 1024, mask_layers=(256, 256, 256, 256),
                         mask_hidden: int = 256, channels_last: Optional[bool] = None,
                         roi_level_rule: str = "fpn", roi_canonical_scale: float = 224.0,
-                        mask_positives_per_image: int = 0) -> MaskRCNN:
+                        mask_positives_per_image: int = 0, aligned: bool = False) -> MaskRCNN:
     """Mask R-CNN on a ResNet-{18,34,50,101}-FPN. Defaults are torchvision's
     ``maskrcnn_resnet50_fpn`` (its keyword names work as overrides). ``norm``: the backbone's
     normalisation ("frozen_bn" for pretrained weights, "bn" or "gn" to train from scratch);
@@ -76,7 +76,13 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
     ``roi_canonical_scale`` on P4, sizes twice as large one level up; torchvision's 224 suits
     ~800 px images, smaller images want a proportionally smaller scale; "scale_adaptive" uses
     the box's share of the image area instead); ``mask_positives_per_image``: train the mask head on
-    at most this many of an image's positive RoIs, drawn at random (0: all of them, as torchvision)."""
+    at most this many of an image's positive RoIs, drawn at random (0: all of them, as torchvision);
+    ``aligned``: half-pixel-correct RoI geometry, as detectron2's ROIAlignV2: RoIAlign with
+    ``aligned=True`` for the box and mask features and for the mask targets, and masks pasted
+    with ``paste_masks(aligned=True)``. False (torchvision's geometry, for its weights) samples
+    the features and the mask targets half a pixel away from the boxes; the mask head learns
+    targets shifted by that half pixel, which the torchvision-style paste does not undo (on
+    256 px shapes, about 0.06 mask AP lower, see benchmarks/RESULTS.md)."""
     backbone = resnet_fpn_backbone(depth, norm, trainable_layers, fpn_channels, width, fpn_norm)
     anchors = AnchorGenerator(anchor_sizes, (tuple(aspect_ratios),) * len(anchor_sizes))
     rpn = RegionProposalNetwork(
@@ -85,7 +91,7 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
         {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test}, rpn_nms_thresh, rpn_score_thresh)
     levels = ["0", "1", "2", "3"]
-    level_kw = dict(rule=roi_level_rule, canonical_scale=roi_canonical_scale)
+    level_kw = dict(rule=roi_level_rule, canonical_scale=roi_canonical_scale, aligned=aligned)
     box_pool = instseg_ops.MultiScaleRoIAlign(levels, 7, 2, **level_kw)
     mask_pool = instseg_ops.MultiScaleRoIAlign(levels, 14, 2, **level_kw)
     heads = RoIHeads(
@@ -93,8 +99,9 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
         BoxPredictor(representation_size, num_classes), mask_pool, MaskHead(fpn_channels, mask_layers, head_norm),
         MaskPredictor(mask_layers[-1], mask_hidden, num_classes), box_fg_iou_thresh, box_bg_iou_thresh,
         box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh,
-        box_detections_per_img, mask_positives_per_image)
-    transform = DetectionTransform(min_size, max_size, image_mean, image_std, channels_last=channels_last)
+        box_detections_per_img, mask_positives_per_image, aligned)
+    transform = DetectionTransform(min_size, max_size, image_mean, image_std, channels_last=channels_last,
+                                   paste_aligned=aligned)
     return MaskRCNN(backbone, rpn, heads, transform)
 
 

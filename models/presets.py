@@ -79,10 +79,11 @@ def _float_pairs(pairs) -> Tuple[Tuple[float, float], ...]:
 def _small_image_model(depth: int, size: int, fpn_channels: int, representation_size: int, mask_channels: int,
                        num_mask_layers: int, anchor_base: int, **extra) -> Dict[str, Any]:
     """Model kwargs for training from scratch on small images: trainable GroupNorm everywhere
-    (backbone, FPN, mask head), all backbone stages trainable, anchors and RPN/RoI sample counts
-    scaled down to a few small objects per image."""
+    (backbone, FPN, mask head), all backbone stages trainable, half-pixel-correct RoI geometry
+    (``aligned``), anchors and RPN/RoI sample counts scaled down to a few small objects per image."""
     kw = dict(
         depth=depth, num_classes=SHAPES_NUM_CLASSES, norm="gn", fpn_norm="gn", head_norm="gn", trainable_layers=5,
+        aligned=True,
         fpn_channels=fpn_channels, representation_size=representation_size,
         mask_layers=(mask_channels,) * num_mask_layers, mask_hidden=mask_channels,
         min_size=size, max_size=size,

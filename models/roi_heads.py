@@ -79,13 +79,16 @@ class MaskPredictor(nn.Module):
         return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
 
 
-def mask_targets(gt_masks: List[Tensor], proposals: List[Tensor], matched: List[Tensor], size: int) -> Tensor:
+def mask_targets(gt_masks: List[Tensor], proposals: List[Tensor], matched: List[Tensor], size: int,
+                 aligned: bool = False) -> Tensor:
     """Ground-truth masks cropped to the positive proposals and resampled to size x size with
-    instseg_ops.roi_align (the mask of proposal i is gt_masks[matched[i]])."""
+    instseg_ops.roi_align (the mask of proposal i is gt_masks[matched[i]]); ``aligned``: RoIAlign's
+    half-pixel-correct sampling (cell j of a box x0..x1 samples x0 + (j + 0.5) (x1 - x0) / size in
+    continuous coordinates, where pixel k's centre is k + 0.5)."""
     out = []
     for masks, boxes, idx in zip(gt_masks, proposals, matched):
         rois = torch.cat([idx.to(boxes)[:, None], boxes], dim=1)
-        out.append(instseg_ops.roi_align(masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0])
+        out.append(instseg_ops.roi_align(masks[:, None].to(rois), rois, (size, size), 1.0, aligned=aligned)[:, 0])
     return torch.cat(out) if out else proposals[0].new_zeros((0, size, size))
 
 
@@ -96,7 +99,7 @@ class RoIHeads(nn.Module):
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                  bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-                 mask_positives_per_image: int = 0):
+                 mask_positives_per_image: int = 0, aligned: bool = False):
         super().__init__()
         self.box_roi_pool, self.box_head, self.box_predictor = box_roi_pool, box_head, box_predictor
         self.mask_roi_pool, self.mask_head, self.mask_predictor = mask_roi_pool, mask_head, mask_predictor
@@ -110,6 +113,7 @@ class RoIHeads(nn.Module):
         # Positives are many overlapping proposals of a few objects, so a subset keeps most of
         # the signal at a fraction of the mask head's cost.
         self.mask_positives_per_image = mask_positives_per_image
+        self.aligned = aligned  # mask targets with RoIAlign(aligned=True); the RoI pools carry their own flag
 
     def has_mask(self) -> bool:
         return self.mask_predictor is not None
@@ -207,7 +211,8 @@ class RoIHeads(nn.Module):
             if self.training:
                 gt_labels = [t["labels"][m] for t, m in zip(targets, pos_matched)]
                 cls = torch.cat(gt_labels) if gt_labels else mask_logits.new_zeros((0,), dtype=torch.int64)
-                tgt = mask_targets([t["masks"] for t in targets], mask_boxes, pos_matched, mask_logits.shape[-1])
+                tgt = mask_targets([t["masks"] for t in targets], mask_boxes, pos_matched, mask_logits.shape[-1],
+                                   self.aligned)
                 if tgt.numel() == 0:
                     losses["loss_mask"] = mask_logits.sum() * 0
                 else:

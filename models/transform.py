@@ -32,10 +32,14 @@ class DetectionTransform(nn.Module):
 
     ``train_scale``: in training mode the resize factor is multiplied by it (progressive
     resizing: the trainer lowers it for the first part of a run, see ``Preset.scale_schedule``);
-    evaluation always uses the full size."""
+    evaluation always uses the full size.
+
+    ``paste_aligned``: ``postprocess`` pastes masks with ``paste_masks(aligned=True)`` (sub-pixel
+    boxes, for mask heads trained on half-pixel-correct targets) instead of torchvision's
+    integer-box pasting."""
 
     def __init__(self, min_size, max_size: int, image_mean: Sequence[float], image_std: Sequence[float],
-                 size_divisible: int = 32, channels_last: Optional[bool] = None):
+                 size_divisible: int = 32, channels_last: Optional[bool] = None, paste_aligned: bool = False):
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         self.max_size = max_size
@@ -43,6 +47,7 @@ class DetectionTransform(nn.Module):
         self.size_divisible = size_divisible
         self.channels_last = channels_last
         self.train_scale = 1.0
+        self.paste_aligned = paste_aligned
 
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
@@ -67,7 +72,9 @@ class DetectionTransform(nn.Module):
             target["boxes"] = scale_boxes(target["boxes"], (h, w), image.shape[-2:])
             if "masks" in target:
                 m = target["masks"]
-                target["masks"] = F.interpolate(m[:, None].float(), scale_factor=scale,
+                # nearest-exact: output pixel i takes the input pixel under its centre, as the
+                # bilinear image resize (torch's "nearest" takes floor(i / scale), up to a pixel off).
+                target["masks"] = F.interpolate(m[:, None].float(), scale_factor=scale, mode="nearest-exact",
                                                 recompute_scale_factor=True)[:, 0].byte()
         return image, target
 
@@ -100,5 +107,6 @@ class DetectionTransform(nn.Module):
         for r, size, orig in zip(results, sizes, original_sizes):
             r["boxes"] = scale_boxes(r["boxes"], size, orig)
             if "masks" in r:
-                r["masks"] = instseg_ops.paste_masks(r["masks"], r["boxes"], orig, padding=1)[:, None]
+                r["masks"] = instseg_ops.paste_masks(r["masks"], r["boxes"], orig, padding=1,
+                                                     aligned=self.paste_aligned)[:, None]
         return results

@@ -157,6 +157,37 @@ def test_mask_targets_through_roi_align():
     rois = torch.tensor([[1.0, 0, 0, 64, 64]])
     torch.testing.assert_close(t[2], instseg_ops.roi_align(masks[:, None].float(), rois, (28, 28), 1.0)[0, 0])
     assert torch.equal(t[2][:, :13], torch.zeros(28, 13)) and torch.equal(t[2][:, 15:], torch.ones(28, 13))
+    ta = mask_targets([masks], [props], [torch.tensor([0, 0, 1])], 28, aligned=True)
+    torch.testing.assert_close(ta[2], instseg_ops.roi_align(masks[:, None].float(), rois, (28, 28), 1.0,
+                                                            aligned=True)[0, 0])
+
+
+def test_aligned_mask_targets_paste_back_to_the_ground_truth(seed):
+    """With ``aligned`` geometry a mask target pasted back into its box (threshold 0.5) gives the
+    ground-truth mask: random rectangles whose box is the mask's extent. Torchvision's geometry
+    (targets not aligned, integer-box paste) loses this: its target is the object moved half a pixel."""
+    exact_tv = 0
+    for _ in range(20):
+        h, w = 48, 64
+        y0, x0 = torch.randint(0, h - 4, ()).item(), torch.randint(0, w - 4, ()).item()
+        y1, x1 = torch.randint(y0 + 3, h + 1, ()).item(), torch.randint(x0 + 3, w + 1, ()).item()
+        gt = torch.zeros(1, h, w, dtype=torch.uint8)
+        gt[0, y0:y1, x0:x1] = 1
+        box = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32)
+        t = mask_targets([gt], [box], [torch.tensor([0])], 28, aligned=True)
+        back = instseg_ops.paste_masks(t, box, (h, w), aligned=True, threshold=0.5)
+        assert torch.equal(back, gt.bool()), (x0, y0, x1, y1)
+        t_tv = mask_targets([gt], [box], [torch.tensor([0])], 28)
+        exact_tv += int(torch.equal(instseg_ops.paste_masks(t_tv, box, (h, w), threshold=0.5), gt.bool()))
+    assert exact_tv < 20
+
+
+def test_aligned_option_reaches_pools_targets_and_paste():
+    for aligned in (False, True):
+        m = maskrcnn_resnet_fpn(18, num_classes=3, norm="gn", width=8, fpn_channels=16, representation_size=32,
+                                mask_layers=(16,), mask_hidden=16, aligned=aligned)
+        assert m.roi_heads.box_roi_pool.aligned is aligned and m.roi_heads.mask_roi_pool.aligned is aligned
+        assert m.roi_heads.aligned is aligned and m.transform.paste_aligned is aligned
 
 
 # ---------------------------------------------------------------- backbone, transform, defaults

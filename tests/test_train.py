@@ -238,14 +238,15 @@ def test_transform_train_scale_applies_only_in_training():
     t = DetectionTransform(64, 64, [0.0] * 3, [1.0] * 3, channels_last=False)
     img = torch.rand(3, 64, 64)
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
-    masks[0, 8:40, 16:48] = 1
-    target = {"boxes": torch.tensor([[16.0, 8.0, 48.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}
+    masks[0, 9:41, 17:49] = 1
+    target = {"boxes": torch.tensor([[17.0, 9.0, 49.0, 41.0]]), "labels": torch.tensor([1]), "masks": masks}
     t.train_scale = 0.5
     t.train()
     batch, sizes, targets = t([img], [target])
     assert batch.shape == (1, 3, 32, 32) and sizes == [(32, 32)]
     torch.testing.assert_close(targets[0]["boxes"], target["boxes"] / 2)
-    assert torch.equal(targets[0]["masks"], masks[:, ::2, ::2])  # nearest, exact factor 2
+    # nearest-exact at factor 2: output pixel i reads input pixel 2i + 1 (torch's "nearest": 2i)
+    assert torch.equal(targets[0]["masks"], masks[:, 1::2, 1::2])
     torch.testing.assert_close(batch[0], torch.nn.functional.interpolate(img[None], size=(32, 32), mode="bilinear",
                                                                          align_corners=False)[0])
     t.eval()
