@@ -66,7 +66,7 @@ def test_presets_settings():
     assert all(0 < m < r18.iters for m in r18.milestones) and r18.gamma == 0.1
     fast = presets.get_preset("shapes_r18_fast_cpu")
     assert fast.model["mask_positives_per_image"] == 8 and fast.time_budget > 0 and fast.optimizer == "sgd"
-    assert fast.scale_schedule == ((0.6, 0.75),)
+    assert fast.scale_schedule == ((0.3, 0.625), (0.6, 0.75)) and fast.model["aligned"]
     r50 = presets.get_preset("shapes_r50_gpu")
     assert r50.model["depth"] == 50 and r50.model["norm"] != "frozen_bn" and r50.model["num_classes"] == 7
     assert r50.model["min_size"] == r50.image_size == 512 and r50.amp
