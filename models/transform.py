@@ -36,7 +36,7 @@ class DetectionTransform(nn.Module):
 
     ``paste_aligned``: ``postprocess`` pastes masks with ``paste_masks(aligned=True)`` (sub-pixel
     boxes, for mask heads trained on half-pixel-correct targets) instead of torchvision's
-    integer-box pasting."""
+    integer-box pasting; it also resizes training masks with "nearest-exact" instead of "nearest"."""
 
     def __init__(self, min_size, max_size: int, image_mean: Sequence[float], image_std: Sequence[float],
                  size_divisible: int = 32, channels_last: Optional[bool] = None, paste_aligned: bool = False):
@@ -72,9 +72,11 @@ class DetectionTransform(nn.Module):
             target["boxes"] = scale_boxes(target["boxes"], (h, w), image.shape[-2:])
             if "masks" in target:
                 m = target["masks"]
-                # nearest-exact: output pixel i takes the input pixel under its centre, as the
-                # bilinear image resize (torch's "nearest" takes floor(i / scale), up to a pixel off).
-                target["masks"] = F.interpolate(m[:, None].float(), scale_factor=scale, mode="nearest-exact",
+                # Aligned geometry: nearest-exact (output pixel i takes the input pixel under its
+                # centre, as the bilinear image resize); else torchvision's "nearest" (floor(i / scale),
+                # up to a pixel off), which its training losses are checked against.
+                mode = "nearest-exact" if self.paste_aligned else "nearest"
+                target["masks"] = F.interpolate(m[:, None].float(), scale_factor=scale, mode=mode,
                                                 recompute_scale_factor=True)[:, 0].byte()
         return image, target
 
