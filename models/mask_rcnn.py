@@ -102,7 +102,7 @@ def maskrcnn_resnet_fpn(depth: int = 50, num_classes: int = 91, norm: str = "fro
         box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh,
         box_detections_per_img, mask_positives_per_image, aligned)
     transform = DetectionTransform(min_size, max_size, image_mean, image_std, channels_last=channels_last,
-                                   paste_aligned=aligned)
+                                   aligned=aligned)
     return MaskRCNN(backbone, rpn, heads, transform)
 
 

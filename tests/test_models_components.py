@@ -187,7 +187,7 @@ def test_aligned_option_reaches_pools_targets_and_paste():
         m = maskrcnn_resnet_fpn(18, num_classes=3, norm="gn", width=8, fpn_channels=16, representation_size=32,
                                 mask_layers=(16,), mask_hidden=16, aligned=aligned)
         assert m.roi_heads.box_roi_pool.aligned is aligned and m.roi_heads.mask_roi_pool.aligned is aligned
-        assert m.roi_heads.aligned is aligned and m.transform.paste_aligned is aligned
+        assert m.roi_heads.aligned is aligned and m.transform.aligned is aligned
 
 
 # ---------------------------------------------------------------- backbone, transform, defaults

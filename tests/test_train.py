@@ -235,7 +235,7 @@ def test_scale_schedule_helpers_cli_and_preset_round_trip(two_image_dir, tmp_pat
 
 def test_transform_train_scale_applies_only_in_training():
     from instseg_ops.models.transform import DetectionTransform
-    t = DetectionTransform(64, 64, [0.0] * 3, [1.0] * 3, channels_last=False, paste_aligned=True)
+    t = DetectionTransform(64, 64, [0.0] * 3, [1.0] * 3, channels_last=False, aligned=True)
     img = torch.rand(3, 64, 64)
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 9:41, 17:49] = 1
