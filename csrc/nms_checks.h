@@ -7,9 +7,30 @@
 #include "tensor_utils.h"
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace instseg {
+
+// Thresholds are float64 in the schema and compared exactly with IoUs and scores
+// computed in T (float32 or float64), as torchvision's CPU kernel does by promoting
+// its float IoU to double. Rounding the threshold to T first would not: a float32
+// IoU of 0.30000001 equals float(0.3) and would escape an "IoU > 0.3" test. For a
+// value x of type T, x > t exactly iff x > below<T>(t), the largest T <= t, and
+// x >= t iff x >= above<T>(t), the smallest T >= t.
+template <typename T>
+inline T threshold_below(double t) {
+  T r = static_cast<T>(t);
+  if (static_cast<double>(r) > t) r = std::nextafter(r, -std::numeric_limits<T>::infinity());
+  return r;
+}
+
+template <typename T>
+inline T threshold_above(double t) {
+  T r = static_cast<T>(t);
+  if (static_cast<double>(r) < t) r = std::nextafter(r, std::numeric_limits<T>::infinity());
+  return r;
+}
 
 inline void check_nms_args(const at::Tensor& boxes, const at::Tensor& scores,
                            const std::optional<at::Tensor>& idxs, double iou_threshold) {

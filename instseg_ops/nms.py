@@ -16,8 +16,10 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_output: Optiona
 
     A box is suppressed when its IoU with a kept, higher-ranked box is strictly greater than
     ``iou_threshold``. Boxes are (x1, y1, x2, y2), areas ``(x2 - x1) * (y2 - y1)``; IoU is computed
-    in float32 (float64 for float64 boxes). Boxes with a score below ``score_threshold``, or a
-    non-finite score or coordinate, are never kept.
+    in float32 (float64 for float64 boxes) and compared with ``iou_threshold`` as a float64 number,
+    as torchvision's CPU kernel does (a float32 IoU of 0.30000001 suppresses at 0.3). Boxes with a
+    score below ``score_threshold`` (also compared exactly), or a non-finite score or coordinate,
+    are never kept.
     """
     return torch.ops.instseg.nms(boxes, scores, None, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),
@@ -28,8 +30,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
                 score_threshold: Optional[float] = None) -> Tensor:
     """NMS independently per category ``idxs`` (integer Tensor[N]); same ordering rule as :func:`nms`.
 
-    Boxes of different categories never interact (no coordinate offsets). ``max_output`` limits
-    the merged result.
+    Boxes of different categories never interact (no coordinate offsets: torchvision offsets the
+    boxes of small inputs by category, which rounds their coordinates, so at IoUs within float32
+    rounding of the threshold its answer can differ). ``max_output`` limits the merged result.
     """
     return torch.ops.instseg.nms(boxes, scores, idxs, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),

@@ -105,7 +105,8 @@ def roi_align_reference(
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor = None) -> Tensor:
     """Greedy NMS in plain Python over float32 (float64 for float64 boxes) tensors.
 
-    Order: score descending, ties by lower index; suppress IoU > threshold; boxes of
+    Order: score descending, ties by lower index; suppress IoU > threshold (the IoU, computed in
+    the working dtype, is compared with the threshold in float64); boxes of
     different categories (``idxs``) never suppress each other; non-finite boxes or
     scores are dropped.
     """
@@ -125,7 +126,7 @@ def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Ten
             w = torch.clamp(torch.minimum(b[i, 2], b[j, 2]) - torch.maximum(b[i, 0], b[j, 0]), min=0)
             h = torch.clamp(torch.minimum(b[i, 3], b[j, 3]) - torch.maximum(b[i, 1], b[j, 1]), min=0)
             inter = w * h
-            if inter / (area[j] + area[i] - inter) > iou_threshold:
+            if float(inter / (area[j] + area[i] - inter)) > iou_threshold:  # compared in float64
                 suppressed = True
                 break
         if not suppressed:
@@ -139,7 +140,7 @@ def soft_nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, sigm
     dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
     b = boxes.to(dt)
     s = scores.to(dt).clone()
-    ok = torch.isfinite(s) & torch.isfinite(b).all(dim=1) & (s >= score_threshold)
+    ok = torch.isfinite(s) & torch.isfinite(b).all(dim=1) & (s.double() >= score_threshold)
     alive = [i for i in range(b.shape[0]) if bool(ok[i])]
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     keep, kept = [], []
@@ -154,11 +155,11 @@ def soft_nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, sigm
             inter = w * h
             iou = inter / (area[m] + area[i] - inter)
             if method == "linear":
-                if iou > iou_threshold:
+                if float(iou) > iou_threshold:
                     s[i] = s[i] * (1 - iou)
             else:
                 s[i] = s[i] * torch.exp(-(iou * iou) / sigma)
-            if not bool(s[i] >= score_threshold):
+            if not float(s[i]) >= score_threshold:
                 alive.remove(i)
     kept_t = torch.stack(kept) if kept else torch.zeros(0, dtype=dt)
     return torch.tensor(keep, dtype=torch.int64), kept_t.to(scores.dtype)

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from instseg_ops import batched_nms, nms
+from conftest import requires_cuda
+from instseg_ops import batched_nms, nms, soft_nms
 from instseg_ops.reference import nms_reference
 
 try:
@@ -65,8 +66,62 @@ def test_batched_nms_matches_reference_and_union_of_categories(seed, n, categori
 def test_matches_torchvision(seed, n, thr):
     boxes, scores = random_boxes(n)
     assert torch.equal(nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
+    # torchvision's batched_nms moves small inputs' boxes apart by category (x + idx * 1101),
+    # which rounds float32 coordinates: at IoUs within rounding of the threshold the two may
+    # then differ. Coordinates on a 1/16 grid keep that offset, the areas and the
+    # intersections exact, so both sides divide the same numbers.
+    boxes = (boxes * 16).round() / 16
     idxs = torch.randint(0, 80, (n,))
     assert torch.equal(batched_nms(boxes, scores, idxs, thr), torchvision.ops.batched_nms(boxes, scores, idxs, thr))
+
+
+def _pair_with_iou(generator, dtype):
+    """Two overlapping boxes and their IoU as the kernels compute it (in dtype)."""
+    while True:
+        a, _ = random_boxes(1, size=60.0, dtype=dtype, generator=generator)
+        b, _ = random_boxes(1, size=60.0, dtype=dtype, generator=generator)
+        w = (torch.minimum(a[0, 2], b[0, 2]) - torch.maximum(a[0, 0], b[0, 0])).clamp(min=0)
+        h = (torch.minimum(a[0, 3], b[0, 3]) - torch.maximum(a[0, 1], b[0, 1])).clamp(min=0)
+        inter = w * h
+        area_a = (a[0, 2] - a[0, 0]) * (a[0, 3] - a[0, 1])
+        area_b = (b[0, 2] - b[0, 0]) * (b[0, 3] - b[0, 1])
+        iou = float(inter / (area_a + area_b - inter))
+        if 0.05 < iou < 0.95:
+            return torch.cat([a, b]), iou
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
+def test_threshold_is_compared_exactly(seed, dtype, device):
+    """A float32 IoU is compared with the float64 threshold, not with the threshold rounded
+    to float32: with thr just below the IoU, float32(thr) == IoU and 'IoU > float32(thr)' is
+    false. This is where a CI run once saw torchvision (which compares in float64) differ."""
+    import math
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        boxes, iou = _pair_with_iou(g, dtype)
+        boxes = boxes.to(device)
+        scores = torch.tensor([0.9, 0.8], dtype=dtype, device=device)
+        idxs = torch.zeros(2, dtype=torch.int64, device=device)
+        below = math.nextafter(iou, -math.inf)  # the largest float64 under the IoU
+        assert nms(boxes, scores, below).tolist() == [0]
+        assert nms(boxes, scores, iou).tolist() == [0, 1]
+        assert batched_nms(boxes, scores, idxs, below).tolist() == [0]
+        assert nms_reference(boxes.cpu(), scores.cpu(), below).tolist() == [0]
+        assert nms_reference(boxes.cpu(), scores.cpu(), iou).tolist() == [0, 1]
+        if torchvision is not None and device == "cpu":
+            assert torchvision.ops.nms(boxes, scores, below).tolist() == [0]
+        # The score threshold likewise: a score just under it is dropped.
+        s = float(scores[1])
+        assert nms(boxes, scores, 1.0, score_threshold=math.nextafter(s, math.inf)).tolist() == [0]
+        assert nms(boxes, scores, 1.0, score_threshold=s).tolist() == [0, 1]
+        # Linear soft-NMS decays the second score only when IoU > threshold.
+        _, kept = soft_nms(boxes, scores, below, 0.5, 0.0, "linear")
+        assert float(kept[1]) < s
+        _, kept = soft_nms(boxes, scores, iou, 0.5, 0.0, "linear")
+        assert float(kept[1]) == s
+        keep, _ = soft_nms(boxes, scores, 1.0, 0.5, math.nextafter(s, math.inf), "linear")
+        assert keep.tolist() == [0]
 
 
 def test_ties_break_by_lower_index():
@@ -187,8 +242,6 @@ def test_threshold_one_keeps_every_box(p):
 # ---------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 
-from conftest import requires_cuda  # noqa: E402
-
 
 @requires_cuda
 @pytest.mark.cuda
@@ -239,7 +292,6 @@ def test_cuda_matches_torchvision(seed):
 # ---------------------------------------------------------------------------
 # Soft-NMS
 
-from instseg_ops import soft_nms  # noqa: E402
 from instseg_ops.reference import soft_nms_reference  # noqa: E402
 
 

@@ -8,7 +8,8 @@
 // segment is one branch-free loop over structure-of-arrays coordinates, which
 // the compiler vectorises; segments (categories) run in parallel. IoU
 // arithmetic is in float32 (float64 for float64 input), with torchvision's
-// formula: inter / (area_i + area_j - inter), areas (x2 - x1) * (y2 - y1).
+// formula: inter / (area_i + area_j - inter), areas (x2 - x1) * (y2 - y1); the
+// IoU is compared with the float64 threshold exactly (see nms_checks.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -67,9 +68,10 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, const int
   const T* sc = scores.data_ptr<T>();
   std::vector<int64_t> order;
   order.reserve(N);
+  const T min_score = score_threshold ? threshold_above<T>(*score_threshold) : T(0);
   for (int64_t i = 0; i < N; ++i) {
     const T s = sc[i];
-    bool ok = std::isfinite(s) && (!score_threshold || s >= static_cast<T>(*score_threshold));
+    bool ok = std::isfinite(s) && (!score_threshold || s >= min_score);
     for (int j = 0; j < 4 && ok; ++j) ok = std::isfinite(bx[i * 4 + j]);
     if (ok) order.push_back(i);
   }
@@ -97,7 +99,7 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, const int
   const int64_t S = static_cast<int64_t>(seg.size()) - 1;
   std::vector<int32_t> suppressed(M, 0);
   std::vector<std::vector<int64_t>> kept(S);
-  const T thr = static_cast<T>(iou_threshold);
+  const T thr = threshold_below<T>(iou_threshold);  // iou > thr iff iou > iou_threshold
   at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s)
       greedy_segment(sb, seg[s], seg[s + 1], thr, max_output, suppressed, kept[s]);

@@ -143,7 +143,7 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
   const auto long_opts = boxes.options().dtype(at::kLong);
   // 1. Sort keys. Invalid boxes: score -inf and the largest category, so they sort last.
   at::Tensor valid = scores.isfinite().logical_and(boxes.isfinite().all(1));
-  if (score_threshold) valid = valid.logical_and(scores.ge(*score_threshold));
+  if (score_threshold) valid = valid.logical_and(scores.ge(threshold_above<T>(*score_threshold)));
   const at::Tensor key = scores.where(valid, -std::numeric_limits<double>::infinity());
   at::Tensor perm = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
   at::Tensor cats_sorted;
@@ -178,7 +178,7 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
     const dim3 grid(static_cast<unsigned int>(words),
                     static_cast<unsigned int>((r1 - r0 + kBlock - 1) / kBlock));
     mask_kernel<T><<<grid, kBlock, 0, stream>>>(sboxes.data_ptr<T>(), cats_p, n, r0, r1, words,
-                                                 static_cast<T>(iou_threshold), mask_p);
+                                                 threshold_below<T>(iou_threshold), mask_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_kernel<<<1, kReduceThreads, 0, stream>>>(mask_p, cats_p, n, r0, r1, words, limit,
                                                     removed_p, keep.data_ptr<int64_t>(),
