@@ -18,8 +18,13 @@ namespace instseg {
 // IoU of 0.30000001 equals float(0.3) and would escape an "IoU > 0.3" test. For a
 // value x of type T, x > t exactly iff x > below<T>(t), the largest T <= t, and
 // x >= t iff x >= above<T>(t), the smallest T >= t.
+// Beyond T's range (a finite double converted to float is then undefined
+// behaviour) the answers are the largest finite T or an infinity.
 template <typename T>
 inline T threshold_below(double t) {
+  const double max = static_cast<double>(std::numeric_limits<T>::max());
+  if (t > max) return std::isinf(t) ? std::numeric_limits<T>::infinity() : std::numeric_limits<T>::max();
+  if (t < -max) return -std::numeric_limits<T>::infinity();
   T r = static_cast<T>(t);
   if (static_cast<double>(r) > t) r = std::nextafter(r, -std::numeric_limits<T>::infinity());
   return r;
@@ -27,9 +32,21 @@ inline T threshold_below(double t) {
 
 template <typename T>
 inline T threshold_above(double t) {
+  const double max = static_cast<double>(std::numeric_limits<T>::max());
+  if (t > max) return std::numeric_limits<T>::infinity();
+  if (t < -max) return std::isinf(t) ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::lowest();
   T r = static_cast<T>(t);
   if (static_cast<double>(r) < t) r = std::nextafter(r, std::numeric_limits<T>::infinity());
   return r;
+}
+
+// Soft-NMS's sigma in T: clamped to [smallest normal, largest finite] of T, so
+// that a tiny positive sigma does not become 0 (and -iou^2 / sigma NaN).
+template <typename T>
+inline T sigma_as(double sigma) {
+  const double lo = static_cast<double>(std::numeric_limits<T>::min());
+  const double hi = static_cast<double>(std::numeric_limits<T>::max());
+  return static_cast<T>(sigma < lo ? lo : (sigma > hi ? hi : sigma));
 }
 
 inline void check_nms_args(const at::Tensor& boxes, const at::Tensor& scores,
@@ -62,8 +79,8 @@ inline void check_soft_nms_args(const at::Tensor& boxes, const at::Tensor& score
   check_nms_args(boxes, scores, std::nullopt, iou_threshold);
   TORCH_CHECK(method == 0 || method == 1, "soft_nms: method must be 0 (linear) or 1 (gaussian), got ",
               method);
-  TORCH_CHECK(method == 0 || sigma > 0, "soft_nms: sigma must be > 0 for the gaussian method, got ",
-              sigma);
+  TORCH_CHECK(method == 0 || (sigma > 0 && !std::isinf(sigma)),
+              "soft_nms: sigma must be finite and > 0 for the gaussian method, got ", sigma);
   TORCH_CHECK(!std::isnan(score_threshold), "soft_nms: score_threshold is NaN");
 }
 

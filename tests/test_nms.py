@@ -124,6 +124,23 @@ def test_threshold_is_compared_exactly(seed, dtype, device):
         assert keep.tolist() == [0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thresholds_beyond_the_float_range(seed, dtype):
+    boxes, scores = random_boxes(50, size=100.0, dtype=dtype)
+    everything = sorted(range(50))
+    assert sorted(nms(boxes, scores, 1e300).tolist()) == everything
+    assert sorted(nms(boxes, scores, -1e300).tolist()) == nms(boxes, scores, -1.0).tolist() == [int(scores.argmax())]
+    assert nms(boxes, scores, 1e300, score_threshold=1e300).numel() == 0
+    assert sorted(nms(boxes, scores, 1e300, score_threshold=-1e300).tolist()) == everything
+    assert sorted(soft_nms(boxes, scores, 1e300, 0.5, -1e300)[0].tolist()) == everything
+    # A tiny positive sigma is the float32 limit, not 0 (which would make exp(-iou^2 / sigma) NaN):
+    # boxes that overlap the kept ones decay to 0, the others keep their scores.
+    keep, kept = soft_nms(boxes, scores, 0.3, 1e-300, 0.0, "gaussian")
+    assert torch.isfinite(kept).all()
+    with pytest.raises(RuntimeError, match="sigma must be finite and > 0"):
+        soft_nms(boxes, scores, 0.3, float("inf"), 0.0, "gaussian")
+
+
 def test_ties_break_by_lower_index():
     boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60], [50, 50, 60, 60.]])
     scores = torch.tensor([0.5, 0.5, 0.5, 0.9])
@@ -320,7 +337,7 @@ def test_soft_nms_properties(p, method, sigma, score_thr):
     if method == "linear":
         # With threshold 1 nothing decays: every box above the score threshold, by score.
         keep1, kept1 = soft_nms(boxes, scores, 1.0, sigma, score_thr, "linear")
-        above = (scores >= score_thr).nonzero().flatten()
+        above = (scores.double() >= score_thr).nonzero().flatten()  # compared exactly
         assert sorted(keep1.tolist()) == sorted(above.tolist())
         torch.testing.assert_close(kept1, scores[keep1])
 
@@ -332,7 +349,7 @@ def test_soft_nms_bad_inputs():
     assert 2 not in keep.tolist()
     with pytest.raises(ValueError, match="method"):
         soft_nms(boxes, scores, method="hard")
-    with pytest.raises(RuntimeError, match="sigma must be > 0"):
+    with pytest.raises(RuntimeError, match="sigma must be finite and > 0"):
         soft_nms(boxes, scores, sigma=0.0, method="gaussian")
     with pytest.raises(RuntimeError, match="one score per box"):
         soft_nms(boxes, scores[:3])

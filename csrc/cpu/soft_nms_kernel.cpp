@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     std::vector<int64_t> k;
     std::vector<scalar_t> ks;
     soft_nms_impl<scalar_t>(b.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), b.size(0),
-                            threshold_below<scalar_t>(iou_threshold), static_cast<scalar_t>(sigma),
+                            threshold_below<scalar_t>(iou_threshold), sigma_as<scalar_t>(sigma),
                             threshold_above<scalar_t>(score_threshold), method, k, ks);
     const int64_t count = static_cast<int64_t>(k.size());
     keep = at::empty({count}, boxes.options().dtype(at::kLong));

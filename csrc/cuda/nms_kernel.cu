@@ -99,10 +99,10 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
     const uint64_t* __restrict__ mask, const int64_t* __restrict__ cats, int64_t n, int64_t r0,
     int64_t r1, int64_t words, int64_t max_output, uint64_t* __restrict__ removed,
     int64_t* __restrict__ keep, int64_t* __restrict__ state) {
-  __shared__ int64_t count;
   __shared__ int64_t last_word;
-  if (threadIdx.x == 0) count = state[0];
-  __syncthreads();
+  // Every thread counts the kept rows itself (the decisions are uniform across
+  // the block), so no thread reads a count that thread 0 is updating.
+  int64_t count = state[0];
   // Every thread holds the suppressed-bits word of the current row, reloaded
   // at word boundaries and after each kept row (whose OR may change it), so a
   // suppressed row costs a register test, no memory access and no sync.
@@ -113,7 +113,6 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
     if ((cur >> (i % kBlock)) & 1) continue;  // uniform across the block
     if (threadIdx.x == 0) {
       keep[count] = i;
-      ++count;
       // Words past the end of row i's category hold no bits: stop there.
       int64_t end = n;
       if (cats) {
@@ -126,6 +125,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
       }
       last_word = (end - 1) / kBlock;
     }
+    ++count;
     __syncthreads();
     const uint64_t* row = mask + (i - r0) * words;
     for (int64_t w = i / kBlock + threadIdx.x; w <= last_word; w += blockDim.x) removed[w] |= row[w];

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes_, const
   AT_DISPATCH_FLOATING_TYPES(acc, "soft_nms_cuda", [&] {
     soft_nms_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
         boxes.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), alive.data_ptr<bool>(), n,
-        threshold_below<scalar_t>(iou_threshold), static_cast<scalar_t>(sigma),
+        threshold_below<scalar_t>(iou_threshold), sigma_as<scalar_t>(sigma),
         threshold_above<scalar_t>(score_threshold), method, keep.data_ptr<int64_t>(),
         keep_score.data_ptr<scalar_t>(), count.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
