@@ -6,6 +6,7 @@
 
 #include "tensor_utils.h"
 
+#include <cmath>
 #include <vector>
 
 namespace instseg {
@@ -26,6 +27,21 @@ inline void check_roi_align_args(const at::Tensor& input, const at::Tensor& rois
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0,
               "roi_align: output_size must be positive, got (", pooled_height, ", ",
               pooled_width, ")");
+}
+
+// An explicit sampling grid beyond this would take sampling_ratio^2 samples per
+// bin (a hang, not a result); adaptive grids (<= 0) are bounded by the map.
+constexpr int64_t kMaxSamplingRatio = 1024;
+
+// Spatial scales must be finite numbers that float32 can hold (the kernels
+// convert them to the input's precision).
+inline void check_scales_and_sampling(const char* op, at::ArrayRef<double> spatial_scales,
+                                      int64_t sampling_ratio) {
+  TORCH_CHECK(sampling_ratio <= kMaxSamplingRatio, op, ": sampling_ratio must be <= ",
+              kMaxSamplingRatio, " (or <= 0 for the adaptive grid), got ", sampling_ratio);
+  for (double s : spatial_scales)
+    TORCH_CHECK(std::isfinite(s) && std::fabs(s) <= 3.4028234663852886e38, op,
+                ": spatial_scale must be finite and within the float32 range, got ", s);
 }
 
 inline void check_roi_align_backward_args(const at::Tensor& grad, const at::Tensor& rois,

@@ -148,6 +148,28 @@ C10_HOST_DEVICE inline void sample_range(
   b = ::ceil(b + err) + 3.0;
   if (a > static_cast<double>(*lo)) *lo = a >= static_cast<double>(grid) ? grid : static_cast<int64_t>(a);
   if (b < static_cast<double>(*hi)) *hi = b <= 0.0 ? 0 : static_cast<int64_t>(b);
+  if (*hi - *lo <= 8) return;
+  // For huge boxes the margin leaves millions of candidates. Sample coordinates
+  // are monotone in the index (non-decreasing for bin > 0, non-increasing for
+  // bin < 0), so the ones in [-1, size] form one run: bisect to its ends, so
+  // that callers visit only samples on the map (the per-sample test stays).
+  const bool inc = !(sample_coord(start, bin, p, *hi - 1, grid) < sample_coord(start, bin, p, *lo, grid));
+  const T below = T(-1), above = static_cast<T>(size);
+  int64_t l = *lo, h = *hi;
+  while (l < h) {  // first index not before the map
+    const int64_t m = l + (h - l) / 2;
+    const T v = sample_coord(start, bin, p, m, grid);
+    if (inc ? v < below : v > above) l = m + 1; else h = m;
+  }
+  const int64_t first = l;
+  h = *hi;
+  while (l < h) {  // first index past the map
+    const int64_t m = l + (h - l) / 2;
+    const T v = sample_coord(start, bin, p, m, grid);
+    if (inc ? v > above : v < below) h = m; else l = m + 1;
+  }
+  *lo = first;
+  *hi = l;
 }
 
 // One axis of a bilinear sample: the two neighbouring pixels and their weights.

@@ -4,7 +4,8 @@
 Torchvision and detectron2 pool from an FPN with a Python loop over levels (a
 ``nonzero`` per level: a host sync and a data-dependent shape). Here the level of
 every RoI is computed with elementwise tensor ops (no sync) and one
-``instseg::multilevel_roi_align`` call pools all RoIs from their levels.
+``instseg::multilevel_roi_align`` call pools all RoIs from their levels (on CUDA its index
+check copies four numbers to the host once, except during CUDA graph capture).
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -27,8 +28,8 @@ def _boxes_xyxy(boxes: BoxesArg) -> Tensor:
     return torch.cat(list(boxes), dim=0)
 
 
-def _image_area_per_box(boxes: BoxesArg, image_sizes) -> Tensor:
-    """Area (h * w) of the image each box belongs to."""
+def _image_area_per_box(boxes: BoxesArg, image_sizes, dtype: torch.dtype) -> Tensor:
+    """Area (h * w), in ``dtype``, of the image each box belongs to."""
     if isinstance(image_sizes, Tensor):
         sizes = image_sizes
     else:
@@ -37,12 +38,13 @@ def _image_area_per_box(boxes: BoxesArg, image_sizes) -> Tensor:
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError("assign_levels: the scale_adaptive rule needs Tensor[K, 5] boxes (with batch indices) "
                              "or a list of Tensor[L, 4], one per image")
-        sizes = sizes.to(device=boxes.device, dtype=boxes.dtype)
+        sizes = sizes.to(device=boxes.device, dtype=dtype)
         area = sizes[:, 0] * sizes[:, 1]
-        return area[boxes[:, 0].long()]
+        # Out-of-range or NaN batch indices are clamped here; the op then rejects them.
+        return area[boxes[:, 0].nan_to_num(0.0).clamp(0, area.shape[0] - 1).long()]
     if len(boxes) != sizes.shape[0]:
         raise ValueError(f"assign_levels: {len(boxes)} box lists but {sizes.shape[0]} image sizes")
-    parts = [torch.full((b.shape[0],), float(sizes[i, 0] * sizes[i, 1]), dtype=b.dtype, device=b.device)
+    parts = [torch.full((b.shape[0],), float(sizes[i, 0] * sizes[i, 1]), dtype=dtype, device=b.device)
              for i, b in enumerate(boxes)]
     return torch.cat(parts)
 
@@ -65,7 +67,8 @@ def assign_levels(
         ``ceil(max_level - log2(image_area / area))``, which needs ``image_sizes``
         ((h, w) per image, a list or Tensor[N, 2]).
     Both are clamped to ``[min_level, max_level]``; boxes with a NaN area go to
-    ``min_level``. Computed in the boxes' dtype with elementwise ops only.
+    ``min_level``. Computed with elementwise ops only, in the boxes' dtype for ``"fpn"`` (as
+    torchvision does) and in at least float32 for ``"scale_adaptive"``.
     """
     if rule not in RULES:
         raise ValueError(f"assign_levels: rule must be one of {RULES}, got {rule!r}")
@@ -79,7 +82,11 @@ def assign_levels(
     else:
         if image_sizes is None:
             raise ValueError("assign_levels: the scale_adaptive rule needs image_sizes")
-        k = torch.ceil(max_level - torch.log2(_image_area_per_box(boxes, image_sizes) / area))
+        # At least float32: a float16 image area (e.g. 800 x 1216) overflows.
+        dt = torch.promote_types(area.dtype, torch.float32)
+        x = xyxy.to(dt)
+        area = (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+        k = torch.ceil(max_level - torch.log2(_image_area_per_box(boxes, image_sizes, dt) / area))
     k = torch.nan_to_num(k, nan=float(min_level))
     k = torch.clamp(k, min=min_level, max=max_level)
     return k.to(torch.int64) - min_level

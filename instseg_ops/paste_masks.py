@@ -48,11 +48,16 @@ def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
     return crops, regions
 
 
-def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int]) -> Tensor:
-    """Assembles ``paste_masks_crops`` output into Tensor[N, H, W] canvases (zeros elsewhere)."""
+def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int], fill: float = 0) -> Tensor:
+    """Assembles ``paste_masks_crops`` output into Tensor[N, H, W] canvases, ``fill`` outside the regions.
+
+    ``fill`` is 0 (False) by default, which is what ``paste_masks`` has there except with a
+    ``threshold <= 0`` (then ``0 >= threshold`` holds and its background is True: pass
+    ``fill=True`` to get its canvases).
+    """
     h, w = int(image_size[0]), int(image_size[1])
     dtype = crops[0].dtype if crops else torch.float32
-    out = torch.zeros((len(crops), h, w), dtype=dtype, device=regions.device)
+    out = torch.full((len(crops), h, w), fill, dtype=dtype, device=regions.device)
     for n, (x0, y0, x1, y1) in enumerate(regions.tolist()):
         out[n, y0:y1, x0:x1] = crops[n]
     return out

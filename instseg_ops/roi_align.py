@@ -38,7 +38,9 @@ def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
     for i, b in enumerate(boxes):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             raise ValueError(f"roi_align: boxes[{i}] must be a Tensor[L, 4], got {getattr(b, 'shape', type(b))}")
-        parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
+        # At least float32: float16 (bfloat16) cannot hold batch indices above 2048 (256).
+        dt = torch.promote_types(b.dtype, torch.float32) if b.is_floating_point() else b.dtype
+        parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dt, device=b.device), b.to(dt)], dim=1))
     return torch.cat(parts, dim=0)
 
 

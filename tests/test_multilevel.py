@@ -73,6 +73,27 @@ def test_scale_adaptive_rule_equals_reference(seed):
         assert levels[k].item() == min(max(expect, 3), 7) - 3, (k, rois[k])
 
 
+def test_scale_adaptive_rule_in_half_precision_and_with_bad_batch_indices(seed):
+    """float16 boxes: the image area 800 x 1216 overflows float16, so the rule computes in
+    float32 and gives the float32 boxes' levels. A NaN or out-of-range batch index must not
+    index out of bounds in the rule; the op then rejects it."""
+    image_sizes = [(800, 1216), (640, 480)]
+    rois = random_rois(200, 2, 800, 1216)
+    half = rois.half()
+    assert torch.equal(assign_levels(half, 2, 5, "scale_adaptive", image_sizes=image_sizes),
+                       assign_levels(half.float(), 2, 5, "scale_adaptive", image_sizes=image_sizes))
+    boxes = [half[:7, 1:], half[7:9, 1:]]
+    assert torch.equal(assign_levels(boxes, 2, 5, "scale_adaptive", image_sizes=image_sizes),
+                       assign_levels([b.float() for b in boxes], 2, 5, "scale_adaptive", image_sizes=image_sizes))
+    feats = [torch.randn(2, 3, 800 // s, 1216 // s) for s in (4, 8, 16, 32)]
+    for bad in (float("nan"), 2.0, -1.0):
+        r = rois[:5].clone()
+        r[1, 0] = bad
+        with pytest.raises(RuntimeError, match="batch index"):
+            multilevel_roi_align(feats, r, 2, [1 / 4, 1 / 8, 1 / 16, 1 / 32], rule="scale_adaptive",
+                                 image_sizes=image_sizes)
+
+
 def test_assign_levels_inputs():
     rois = random_rois(10, 2, 64, 64)
     a = assign_levels(rois, 2, 5)
@@ -254,6 +275,10 @@ def test_bad_inputs():
             op(feats, rois, torch.full((5,), bad, dtype=torch.int64), scales, 2, 2, 2, False)
     with pytest.raises(RuntimeError, match="1 to 8 feature maps"):
         op(feats * 3, rois, levels, scales * 3, 2, 2, 2, False)
+    with pytest.raises(RuntimeError, match="sampling_ratio must be <= 1024"):
+        op(feats, rois, levels, scales, 2, 2, 5000, False)
+    with pytest.raises(RuntimeError, match="spatial_scale must be finite"):
+        op(feats, rois, levels, scales[:3] + [float("inf")], 2, 2, 2, False)
     with pytest.raises(RuntimeError, match="batch index"):
         r = rois.clone()
         r[0, 0] = 5
@@ -332,9 +357,31 @@ def test_cuda_matches_cpu(seed, dtype, layout, deterministic):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_invalid_levels_give_zeros_without_sync(seed):
+def test_cuda_invalid_indices_raise_and_give_zeros_in_a_graph(seed):
+    """Eagerly, bad level or batch indices raise as on the CPU; inside a CUDA graph (where the
+    check's device-to-host copy is skipped) the kernel gives those RoIs zeros."""
     feats = pyramid(device="cuda")
+    scales = [1.0 / s for s in STRIDES]
+    op = torch.ops.instseg.multilevel_roi_align
     rois = image_rois(6).cuda()
-    levels = torch.tensor([0, 1, 7, -1, 2, 3], device="cuda")
-    out = torch.ops.instseg.multilevel_roi_align(feats, rois, levels, [1.0 / s for s in STRIDES], 3, 3, 2, False)
+    good = torch.tensor([0, 1, 1, 0, 2, 3], device="cuda")
+    for bad in (7, -1):
+        levels = good.clone()
+        levels[2] = bad
+        with pytest.raises(RuntimeError, match="valid level index"):
+            op(feats, rois, levels, scales, 3, 3, 2, False)
+    r = rois.clone()
+    r[1, 0] = 2
+    with pytest.raises(RuntimeError, match="batch indices"):
+        op(feats, r, good, scales, 3, 3, 2, False)
+    expected = op(feats, rois, good, scales, 3, 3, 2, False)
+    levels = good.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(feats, rois, levels, scales, 3, 3, 2, False)
+    levels.copy_(torch.tensor([0, 1, 7, -1, 2, 3], device="cuda"))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
     assert (out[2:4] == 0).all()
+    assert torch.equal(out[[0, 1, 4, 5]], expected[[0, 1, 4, 5]])

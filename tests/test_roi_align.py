@@ -301,6 +301,15 @@ def test_bad_inputs_raise_clear_errors():
         roi_align(x[:0], rois, 2)
     with pytest.raises(ValueError, match="output_size"):
         roi_align(x, rois, (1, 2, 3))
+    with pytest.raises(RuntimeError, match="sampling_ratio must be <= 1024"):
+        roi_align(x, rois, 2, 1.0, 1025)  # sr^2 samples per bin: a hang, not a result
+    roi_align(x, rois, 2, 1.0, 1024)
+    for scale in (float("inf"), float("nan"), 1e39):
+        with pytest.raises(RuntimeError, match="spatial_scale must be finite"):
+            roi_align(x, rois, 2, scale)
+        with pytest.raises(RuntimeError, match="spatial_scale must be finite"):
+            torch.ops.instseg._roi_align_backward(torch.zeros(4, 3, 2, 2), rois, scale, 2, 2, 2, 3, 8, 8, 2,
+                                                  False, False, False)
     with pytest.raises(TypeError, match="boxes"):
         roi_align(x, "boxes", 2)
     if torch.backends.mps.is_available() or torch.cuda.is_available():
@@ -330,6 +339,20 @@ def test_nonfinite_and_huge_boxes_give_zeros_or_finite_values(seed, layout, alig
     torch.testing.assert_close(out[[7, 8, 9]], ref, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_list_boxes_keep_large_batch_indices_exact(seed, dtype):
+    """float16 (bfloat16) cannot hold integers above 2048 (256): the batch index column built
+    from a list of boxes must not be rounded into another image's."""
+    n = 2050 if dtype == torch.float16 else 260
+    x = torch.randn(n, 1, 4, 4, dtype=dtype)
+    boxes = [torch.tensor([[0.5, 0.5, 3.0, 3.5]], dtype=dtype)] * n
+    out = roi_align(x, boxes, 2, 1.0, 2)
+    expect = roi_align(x.float(), torch.cat([torch.arange(n, dtype=torch.float32)[:, None],
+                                             boxes[0].float().expand(n, 4)], dim=1), 2, 1.0, 2)
+    torch.testing.assert_close(out.float(), expect, rtol=1e-2, atol=1e-2)
+    assert torch.equal(out[-1], roi_align(x[-1:], [boxes[0]], 2, 1.0, 2)[0])
 
 
 def test_empty_inputs():

@@ -306,6 +306,7 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
                                  int64_t pooled_width, int64_t sampling_ratio, bool aligned,
                                  bool /*deterministic*/) {
   check_roi_align_args(input, rois, pooled_height, pooled_width);
+  check_scales_and_sampling("roi_align", {spatial_scale}, sampling_ratio);
   TORCH_CHECK(input.device().is_cpu(), "roi_align: CPU kernel got a ", input.device(), " input");
   const bool cl = use_channels_last(input);
   // A no-op for the usual NCHW-contiguous or channels_last input.
@@ -331,6 +332,7 @@ at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::T
                                             int64_t sampling_ratio, bool aligned,
                                             bool /*deterministic*/) {
   check_multilevel_args(features, rois, levels_, spatial_scales, pooled_height, pooled_width);
+  check_scales_and_sampling("multilevel_roi_align", spatial_scales, sampling_ratio);
   TORCH_CHECK(features[0].device().is_cpu(), "multilevel_roi_align: CPU kernel got a ",
               features[0].device(), " input");
   const bool cl = use_channels_last(features[0]);
@@ -562,6 +564,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   bool aligned, bool channels_last, bool /*deterministic*/) {
   check_roi_align_backward_args(grad, rois, pooled_height, pooled_width, batch_size, channels,
                                 height, width);
+  check_scales_and_sampling("_roi_align_backward", {spatial_scale}, sampling_ratio);
   TORCH_CHECK(grad.device().is_cpu(), "_roi_align_backward: CPU kernel got a ", grad.device(),
               " grad");
   return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(), at::Tensor(),
@@ -577,6 +580,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
   const std::vector<Level> lv =
       check_multilevel_backward_args(grad, rois, levels_, spatial_scales, pooled_height,
                                      pooled_width, level_sizes);
+  check_scales_and_sampling("_multilevel_roi_align_backward", spatial_scales, sampling_ratio);
   TORCH_CHECK(grad.device().is_cpu(), "_multilevel_roi_align_backward: CPU kernel got a ",
               grad.device(), " grad");
   const at::Tensor levels = levels_.contiguous();

@@ -60,6 +60,28 @@ void check_batch_indices(const at::Tensor& rois, int64_t batch_size) {
               "], not all valid for an input with batch size ", batch_size);
 }
 
+// Multi-level: raises for a batch index outside [0, batch_size) or a level
+// outside [0, num_levels), with one small device-to-host copy for both; skipped
+// while the stream is being captured into a CUDA graph, where the kernels give
+// such RoIs zeros (and no gradient) instead of reading out of bounds.
+void check_multilevel_indices(const at::Tensor& rois, const at::Tensor& levels,
+                              int64_t batch_size, int64_t num_levels) {
+  if (rois.size(0) == 0) return;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  const at::Tensor b = rois.select(1, 0);
+  const at::Tensor range = at::stack({b.min().to(at::kDouble), b.max().to(at::kDouble),
+                                      levels.min().to(at::kDouble), levels.max().to(at::kDouble)})
+                               .cpu();
+  const double* r = range.data_ptr<double>();
+  TORCH_CHECK(r[0] > -1.0 && r[1] < static_cast<double>(batch_size),
+              "multilevel_roi_align: rois[:, 0] holds batch indices in [", r[0], ", ", r[1],
+              "], not all valid for an input with batch size ", batch_size);
+  TORCH_CHECK(r[2] >= 0.0 && r[3] < static_cast<double>(num_levels),
+              "multilevel_roi_align: levels are in [", static_cast<int64_t>(r[2]), ", ",
+              static_cast<int64_t>(r[3]), "], not all a valid level index for ", num_levels,
+              " feature maps");
+}
+
 // Up to kMaxLevels feature-map levels, passed to the kernels by value.
 template <typename ptr_t>
 struct LevelPack {
@@ -458,6 +480,7 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
                                   int64_t pooled_width, int64_t sampling_ratio, bool aligned,
                                   bool /*deterministic*/) {
   check_roi_align_args(input, rois_, pooled_height, pooled_width);
+  check_scales_and_sampling("roi_align", {spatial_scale}, sampling_ratio);
   TORCH_CHECK(input.is_cuda(), "roi_align: CUDA kernel got a ", input.device(), " input");
   c10::cuda::OptionalCUDAGuard guard(input.device());
   const bool cl = use_channels_last(input);
@@ -475,6 +498,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    bool aligned, bool channels_last, bool deterministic) {
   check_roi_align_backward_args(grad, rois_, pooled_height, pooled_width, batch_size, channels,
                                 height, width);
+  check_scales_and_sampling("_roi_align_backward", {spatial_scale}, sampling_ratio);
   TORCH_CHECK(grad.is_cuda(), "_roi_align_backward: CUDA kernel got a ", grad.device(), " grad");
   c10::cuda::OptionalCUDAGuard guard(grad.device());
   const at::Tensor rois = rois_.to(acc_dtype(grad.scalar_type())).contiguous();
@@ -484,8 +508,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                        aligned, channels_last, deterministic)[0];
 }
 
-// Multi-level: no host synchronisation at all. RoIs with an invalid batch or
-// level index give zeros (the CPU kernels raise instead).
+// Multi-level: one launch each way. Invalid batch or level indices raise (one
+// small device-to-host copy, see check_multilevel_indices).
 at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::Tensor& rois,
                                              const at::Tensor& levels,
                                              at::ArrayRef<double> spatial_scales,
@@ -493,9 +517,12 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
                                              int64_t sampling_ratio, bool aligned,
                                              bool /*deterministic*/) {
   check_multilevel_args(features, rois, levels, spatial_scales, pooled_height, pooled_width);
+  check_scales_and_sampling("multilevel_roi_align", spatial_scales, sampling_ratio);
   TORCH_CHECK(features[0].is_cuda(), "multilevel_roi_align: CUDA kernel got a ",
               features[0].device(), " input");
   c10::cuda::OptionalCUDAGuard guard(features[0].device());
+  check_multilevel_indices(rois, levels, features[0].size(0),
+                           static_cast<int64_t>(features.size()));
   const bool cl = use_channels_last(features[0]);
   const std::vector<at::Tensor> feats = same_layout(features, cl);
   return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(),
@@ -511,9 +538,11 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
   const std::vector<Level> lv =
       check_multilevel_backward_args(grad, rois, levels, spatial_scales, pooled_height,
                                      pooled_width, level_sizes);
+  check_scales_and_sampling("_multilevel_roi_align_backward", spatial_scales, sampling_ratio);
   TORCH_CHECK(grad.is_cuda(), "_multilevel_roi_align_backward: CUDA kernel got a ",
               grad.device(), " grad");
   c10::cuda::OptionalCUDAGuard guard(grad.device());
+  check_multilevel_indices(rois, levels, level_sizes[0], static_cast<int64_t>(lv.size()));
   return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(),
                        levels.contiguous(), lv, level_sizes[0], level_sizes[1], pooled_height,
                        pooled_width, sampling_ratio, aligned, channels_last, deterministic);
