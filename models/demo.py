@@ -1,7 +1,7 @@
 """Run a trained Mask R-CNN checkpoint on one image and draw its detections.
 
     python -m instseg_ops.models.demo --checkpoint RUN_DIR/model_final.pth --image IN.png \\
-        --out OUT.png [--score-thresh 0.5] [--device cpu|cuda]
+        --out OUT.png [--score-thresh 0.5] [--min-shown K] [--device cpu|cuda]
 
 The output PNG has the input's size: each detection's mask alpha-blended in its own colour,
 its box outlined and "label score" written above the box with a built-in 5x7 bitmap font.
@@ -157,14 +157,19 @@ def load_model(checkpoint: str, device: str = "cpu"):
 
 @torch.no_grad()
 def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: float = 0.5, device: str = "cpu",
-             model=None, names=None) -> Dict[str, np.ndarray]:
-    """Detects on ``image_path``, writes the drawing to ``out_path``; returns the kept detections."""
+             model=None, names=None, min_shown: int = 0) -> Dict[str, np.ndarray]:
+    """Detects on ``image_path``, writes the drawing to ``out_path``; returns the drawn detections:
+    those scoring ``>= score_thresh``, or the ``min_shown`` best when fewer pass (a briefly
+    trained model's scores are low; each drawn label shows its score)."""
     if model is None:
         model, names = load_model(checkpoint, device)
     rgb = read_image(image_path)  # RGB uint8 [H, W, 3]; PNG always, other formats through Pillow
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0).to(device)
     pred = model([tensor])[0]
     keep = pred["scores"] >= score_thresh
+    if int(keep.sum()) < min_shown:
+        keep = torch.zeros_like(keep)
+        keep[pred["scores"].argsort(descending=True)[:min_shown]] = True
     boxes = pred["boxes"][keep].cpu().numpy()
     labels = pred["labels"][keep].cpu().numpy()
     scores = pred["scores"][keep].cpu().numpy()
@@ -184,12 +189,17 @@ def main(argv=None):
     p.add_argument("--image", required=True, help="input image (PNG; other formats need Pillow)")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--min-shown", type=int, default=0,
+                   help="draw at least this many detections (the best ones) even below --score-thresh")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
-    det = run_demo(args.checkpoint, args.image, args.out, args.score_thresh, args.device)
+    det = run_demo(args.checkpoint, args.image, args.out, args.score_thresh, args.device,
+                   min_shown=args.min_shown)
     for box, label, name, score in zip(det["boxes"], det["labels"], det["names"], det["scores"]):
         print(f"{name} (label {int(label)}) score {float(score):.3f} box {[round(float(v), 1) for v in box]}")
-    print(f"{len(det['scores'])} detections >= {args.score_thresh}; wrote {args.out}")
+    above = int((det["scores"] >= args.score_thresh).sum())
+    extra = f", and the {len(det['scores']) - above} best below it" if len(det["scores"]) > above else ""
+    print(f"{above} detections >= {args.score_thresh}{extra}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -453,6 +453,12 @@ def test_demo_writes_png_of_the_image_size(shapes_dir, tmp_path):
                "--score-thresh", "0.0"])
     drawn = read_png(out)
     assert drawn.shape == (50, SIZE, 3) and drawn.dtype == np.uint8
+    # Nothing scores above 1.5: --min-shown draws the best ones anyway, in score order.
+    model, names = demo.load_model(os.path.join(run, "model_final.pth"), "cpu")
+    everything = demo.run_demo("", image, out, 0.0, model=model, names=names)["scores"]
+    det = demo.run_demo("", image, out, 1.5, model=model, names=names, min_shown=2)
+    assert np.array_equal(det["scores"], np.sort(everything)[::-1][:2])
+    assert len(demo.run_demo("", image, out, 1.5, model=model, names=names)["scores"]) == 0
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # A greyscale input gives an RGB drawing of its size.
