@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .roi_align import BoxesArg, _memory_format, _pair, boxes_to_rois, is_channels_last, roi_align
+from .roi_align import BoxesArg, _memory_format, _pair, _sampling_ratio, boxes_to_rois, is_channels_last, roi_align
 
 RULES = ("fpn", "scale_adaptive")
 
@@ -131,7 +131,7 @@ def multilevel_roi_align(
         hi = hi if max_level is None else max_level
         levels = assign_levels(rois, lo, hi, rule, canonical_scale, canonical_level, eps, image_sizes)
     det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
-    return torch.ops.instseg.multilevel_roi_align(features, rois, levels, scales, ph, pw, int(sampling_ratio),
+    return torch.ops.instseg.multilevel_roi_align(features, rois, levels, scales, ph, pw, _sampling_ratio(sampling_ratio),
                                                   bool(aligned), det)
 
 
@@ -167,7 +167,8 @@ class MultiScaleRoIAlign(nn.Module):
         self.deterministic = deterministic
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
-        features = [x[k] for k in self.featmap_names]
+        # As torchvision: the maps of x (in its order) whose names are listed; others are ignored.
+        features = [v for k, v in x.items() if k in self.featmap_names]
         if len(features) == 0:
             raise ValueError("MultiScaleRoIAlign: none of featmap_names is in the input")
         max_h = max(s[0] for s in image_shapes)

@@ -18,8 +18,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_output: Optiona
     ``iou_threshold``. Boxes are (x1, y1, x2, y2), areas ``(x2 - x1) * (y2 - y1)``; IoU is computed
     in float32 (float64 for float64 boxes) and compared with ``iou_threshold`` as a float64 number,
     as torchvision's CPU kernel does (a float32 IoU of 0.30000001 suppresses at 0.3). Boxes with a
-    score below ``score_threshold`` (also compared exactly), or a non-finite score or coordinate,
-    are never kept.
+    score below ``score_threshold`` (also compared exactly), a NaN score or a non-finite
+    coordinate are never kept; scores of +-inf are ordinary (first and last), as in torchvision.
     """
     return torch.ops.instseg.nms(boxes, scores, None, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),
@@ -33,7 +33,13 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Boxes of different categories never interact (no coordinate offsets: torchvision offsets the
     boxes of small inputs by category, which rounds their coordinates, so at IoUs within float32
     rounding of the threshold its answer can differ). ``max_output`` limits the merged result.
+    Boolean ``idxs`` are taken as 0/1 and floating ones by their distinct values, as torchvision
+    accepts them.
     """
+    if idxs.dtype == torch.bool:
+        idxs = idxs.long()
+    elif idxs.is_floating_point():
+        idxs = torch.unique(idxs, return_inverse=True)[1]
     return torch.ops.instseg.nms(boxes, scores, idxs, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),
                                  None if score_threshold is None else float(score_threshold))
@@ -75,3 +81,15 @@ def _soft_nms_fake(boxes, scores, iou_threshold, sigma, score_threshold, method)
                  lambda: "soft_nms: scores must be a Tensor[N]")
     n = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))
+
+
+def _soft_nms_backward(ctx, *grads):
+    raise RuntimeError("instseg::soft_nms is not differentiable (no backward is implemented): detach the "
+                       "scores, or take the kept scores by indexing the input scores with keep")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("instseg::soft_nms", _soft_nms_backward, setup_context=_no_context)

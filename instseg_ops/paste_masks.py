@@ -48,15 +48,18 @@ def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
     return crops, regions
 
 
-def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int], fill: float = 0) -> Tensor:
+def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int], fill: float = 0,
+                    dtype: Optional[torch.dtype] = None) -> Tensor:
     """Assembles ``paste_masks_crops`` output into Tensor[N, H, W] canvases, ``fill`` outside the regions.
 
     ``fill`` is 0 (False) by default, which is what ``paste_masks`` has there except with a
     ``threshold <= 0`` (then ``0 >= threshold`` holds and its background is True: pass
-    ``fill=True`` to get its canvases).
+    ``fill=True`` to get its canvases). ``dtype``: the crops' dtype by default; for N = 0 (no
+    crops to take it from) float32 unless given (``torch.bool`` for thresholded crops).
     """
     h, w = int(image_size[0]), int(image_size[1])
-    dtype = crops[0].dtype if crops else torch.float32
+    if dtype is None:
+        dtype = crops[0].dtype if crops else torch.float32
     out = torch.full((len(crops), h, w), fill, dtype=dtype, device=regions.device)
     for n, (x0, y0, x1, y1) in enumerate(regions.tolist()):
         out[n, y0:y1, x0:x1] = crops[n]
@@ -91,3 +94,24 @@ def _paste_masks_fake(masks, boxes, image_height, image_width, padding, threshol
     torch._check(masks.shape[0] == boxes.shape[0], lambda: "paste_masks: one box per mask")
     dtype = torch.bool if threshold is not None else masks.dtype
     return masks.new_empty((masks.shape[0], image_height, image_width), dtype=dtype)
+
+
+# No gradients: the pasted canvases are for inference and evaluation (Mask R-CNN's mask loss is
+# on the M x M masks). Without a registration, outputs of inputs that require grad would
+# silently backpropagate nothing; with this one, a backward through them raises instead.
+def _not_differentiable(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"instseg::{op} is not differentiable (no backward is implemented); "
+                           "compute losses on the M x M masks, or paste with torchvision's "
+                           "differentiable paste_masks_in_image")
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("instseg::paste_masks", _not_differentiable("paste_masks"),
+                                setup_context=_no_context)
+torch.library.register_autograd("instseg::paste_masks_crops", _not_differentiable("paste_masks_crops"),
+                                setup_context=_no_context)

@@ -107,13 +107,13 @@ def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Ten
 
     Order: score descending, ties by lower index; suppress IoU > threshold (the IoU, computed in
     the working dtype, is compared with the threshold in float64); boxes of
-    different categories (``idxs``) never suppress each other; non-finite boxes or
-    scores are dropped.
+    different categories (``idxs``) never suppress each other; non-finite boxes and NaN
+    scores are dropped (+-inf scores are kept, as torchvision does).
     """
     dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
     b = boxes.to(dt)
     s = scores.to(dt)
-    ok = torch.isfinite(s) & torch.isfinite(b).all(dim=1)
+    ok = ~torch.isnan(s) & torch.isfinite(b).all(dim=1)
     cand = [i for i in range(b.shape[0]) if bool(ok[i])]
     cand.sort(key=lambda i: (-float(s[i]), i))
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])

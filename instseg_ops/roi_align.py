@@ -44,6 +44,13 @@ def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _sampling_ratio(v) -> int:
+    """``int(v)``, refusing values that are not whole numbers (2.5 must not become 2)."""
+    if int(v) != v:
+        raise ValueError(f"roi_align: sampling_ratio must be an integer, got {v!r}")
+    return int(v)
+
+
 def is_channels_last(t: Tensor) -> bool:
     """The layout rule the kernels use: channels_last only when not also plain contiguous."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
@@ -80,7 +87,7 @@ def roi_align(
     rois = boxes_to_rois(boxes, input)
     ph, pw = _pair(output_size)
     det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
-    return torch.ops.instseg.roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), det)
+    return torch.ops.instseg.roi_align(input, rois, float(spatial_scale), ph, pw, _sampling_ratio(sampling_ratio), bool(aligned), det)
 
 
 class RoIAlign(nn.Module):

@@ -176,6 +176,11 @@ def test_module_matches_torchvision_multiscaleroialign(seed, canonical, output_s
     one = MultiScaleRoIAlign(["p3"], 5, 2)(x, boxes, image_shapes)
     torch.testing.assert_close(one, torchvision.ops.MultiScaleRoIAlign(["p3"], 5, 2)(x, boxes, image_shapes))
     assert "rule='fpn'" in repr(ours)
+    # torchvision takes the listed maps in the input's order and ignores names it lacks.
+    for listed in (["p5", "p3", "p2", "p4"], names + ["missing"]):
+        torch.testing.assert_close(MultiScaleRoIAlign(listed, output_size, 2, **kw)(x, boxes, image_shapes),
+                                   torchvision.ops.MultiScaleRoIAlign(listed, output_size, 2, **kw)(x, boxes, image_shapes),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_scale_adaptive_module_uses_image_sizes(seed):

@@ -181,10 +181,44 @@ def test_nonfinite_inputs_are_dropped_and_bad_inputs_raise():
         nms(boxes.long(), scores, 0.5)
     with pytest.raises(RuntimeError, match="iou_threshold is NaN"):
         nms(boxes, scores, float("nan"))
-    with pytest.raises(RuntimeError, match="integer"):
-        batched_nms(boxes, scores, torch.zeros(20), 0.5)
+    with pytest.raises(RuntimeError, match="integer"):  # the op itself; the wrapper maps floats to categories
+        torch.ops.instseg.nms(boxes, scores, torch.zeros(20), 0.5, -1, None)
     with pytest.raises(RuntimeError, match="one category per box"):
         batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5)
+
+
+def test_infinite_scores_are_kept_like_torchvision(seed):
+    """+inf and -inf scores are ordinary scores (first and last), as in torchvision; NaN is dropped."""
+    boxes, scores = random_boxes(300, size=200.0)
+    scores[torch.randperm(300)[:40]] = float("inf")
+    scores[torch.randperm(300)[:40]] = -float("inf")
+    scores[7] = float("nan")
+    # Without ties (one +inf, one -inf) torchvision's answer is fully specified: the same, in order.
+    single = torch.randperm(300)[:2]
+    distinct = (torch.randperm(300).double() / 300).float()
+    distinct[single[0]], distinct[single[1]] = float("inf"), -float("inf")
+    if torchvision is not None:
+        for thr in (0.3, 0.7):
+            assert torch.equal(nms(boxes, distinct, thr), torchvision.ops.nms(boxes, distinct, thr))
+    for thr in (0.3, 0.7):
+        keep = nms(boxes, scores, thr)
+        assert 7 not in keep.tolist()
+        assert torch.equal(keep, nms_reference(boxes, scores, thr))
+        idxs = torch.randint(0, 5, (300,))
+        assert torch.equal(batched_nms(boxes, scores, idxs, thr), nms_reference(boxes, scores, thr, idxs))
+    b = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.]])
+    s = torch.tensor([float("inf"), 0.9, -float("inf")])
+    assert nms(b, s, 0.5).tolist() == [0, 2]
+
+
+def test_batched_nms_accepts_bool_and_float_categories(seed):
+    boxes, scores = random_boxes(200, size=100.0)
+    cats = torch.randint(0, 4, (200,))
+    expect = batched_nms(boxes, scores, cats, 0.5)
+    values = torch.tensor([-1.5, 0.25, 3.0, 1e6])  # any distinct values name the categories
+    assert torch.equal(batched_nms(boxes, scores, values[cats], 0.5), expect)
+    assert torch.equal(batched_nms(boxes, scores, (cats > 1), 0.5),
+                       batched_nms(boxes, scores, (cats > 1).long(), 0.5))
 
 
 def test_opcheck_and_compile(seed):
@@ -344,6 +378,9 @@ def test_soft_nms_properties(p, method, sigma, score_thr):
 
 def test_soft_nms_bad_inputs():
     boxes, scores = random_boxes(10)
+    _, kept = soft_nms(boxes, scores.clone().requires_grad_())
+    with pytest.raises(RuntimeError, match="soft_nms is not differentiable"):
+        kept.sum().backward()
     scores[2] = float("nan")
     keep, _ = soft_nms(boxes, scores)
     assert 2 not in keep.tolist()

@@ -141,6 +141,22 @@ def test_empty_bad_and_nonfinite_inputs():
         paste_masks(masks[:, None].expand(3, 2, 28, 28), boxes, (10, 10))
 
 
+def test_no_silent_gradients(seed):
+    """torchvision's paste is differentiable; ours has no backward and says so instead of
+    returning None gradients."""
+    masks, boxes = random_case(5)
+    masks.requires_grad_()
+    out = paste_masks(masks, boxes, (120, 160))
+    with pytest.raises(RuntimeError, match="paste_masks is not differentiable"):
+        out.sum().backward()
+    crops, _ = paste_masks_crops(masks, boxes, (120, 160))
+    with pytest.raises(RuntimeError, match="paste_masks_crops is not differentiable"):
+        sum(c.sum() for c in crops).backward()
+    assert paste_masks(masks, boxes, (120, 160), threshold=0.5).dtype == torch.bool
+    with torch.no_grad():
+        assert not paste_masks(masks, boxes, (120, 160)).requires_grad
+
+
 def test_opcheck_and_compile(seed):
     masks, boxes = random_case(n=4)
     opcheck(torch.ops.instseg.paste_masks.default, (masks, boxes, 50, 60, 1, None, False))

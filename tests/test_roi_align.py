@@ -301,6 +301,8 @@ def test_bad_inputs_raise_clear_errors():
         roi_align(x[:0], rois, 2)
     with pytest.raises(ValueError, match="output_size"):
         roi_align(x, rois, (1, 2, 3))
+    with pytest.raises(ValueError, match="sampling_ratio must be an integer"):
+        roi_align(x, rois, 2, 1.0, 2.5)
     with pytest.raises(RuntimeError, match="sampling_ratio must be <= 1024"):
         roi_align(x, rois, 2, 1.0, 1025)  # sr^2 samples per bin: a hang, not a result
     roi_align(x, rois, 2, 1.0, 1024)

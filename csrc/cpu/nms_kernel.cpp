@@ -1,6 +1,7 @@
 // Non-maximum suppression on the CPU.
 //
-// Candidates (finite score and box, score >= score_threshold) are sorted by
+// Candidates (a score that is not NaN, +-inf included as in torchvision, a finite
+// box, score >= score_threshold) are sorted by
 // (category, score descending, index ascending). Each category is then a
 // contiguous segment, processed by the exact greedy algorithm: the best
 // remaining box is kept and suppresses every later box of its segment whose IoU
@@ -71,7 +72,7 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, const int
   const T min_score = score_threshold ? threshold_above<T>(*score_threshold) : T(0);
   for (int64_t i = 0; i < N; ++i) {
     const T s = sc[i];
-    bool ok = std::isfinite(s) && (!score_threshold || s >= min_score);
+    bool ok = !std::isnan(s) && (!score_threshold || s >= min_score);  // +-inf scores are kept
     for (int j = 0; j < 4 && ok; ++j) ok = std::isfinite(bx[i * 4 + j]);
     if (ok) order.push_back(i);
   }

@@ -142,7 +142,10 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
   const int64_t n = boxes.size(0);
   const auto long_opts = boxes.options().dtype(at::kLong);
   // 1. Sort keys. Invalid boxes: score -inf and the largest category, so they sort last.
-  at::Tensor valid = scores.isfinite().logical_and(boxes.isfinite().all(1));
+  // NaN scores and non-finite boxes are invalid; +-inf scores are valid (as in torchvision):
+  // a valid -inf box ties with the invalid ones in this sort, which is stable, so valid
+  // boxes keep their index order and the invalid ones start out suppressed.
+  at::Tensor valid = scores.isnan().logical_not().logical_and(boxes.isfinite().all(1));
   if (score_threshold) valid = valid.logical_and(scores.ge(threshold_above<T>(*score_threshold)));
   const at::Tensor key = scores.where(valid, -std::numeric_limits<double>::infinity());
   at::Tensor perm = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
