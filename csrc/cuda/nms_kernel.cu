@@ -1,8 +1,9 @@
 // Non-maximum suppression on CUDA, kept on the device.
 //
 // 1. Sort (ATen, stable) by (category, score descending, index ascending);
-//    boxes with a non-finite score or coordinate, or a score below
-//    score_threshold, go last and start out suppressed.
+//    boxes with a NaN score or a non-finite coordinate, or a score below
+//    score_threshold, get the lowest key (-inf, tied with valid -inf scores)
+//    and start out suppressed.
 // 2. In chunks of rows sized so that the chunk's IoU bitmask stays under
 //    kMaskBudget bytes: a mask kernel computes, for each row i of the chunk and
 //    each block of 64 later boxes, the bits "IoU(i, j) > threshold and same
@@ -141,7 +142,7 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
                          int64_t max_output, std::optional<double> score_threshold) {
   const int64_t n = boxes.size(0);
   const auto long_opts = boxes.options().dtype(at::kLong);
-  // 1. Sort keys. Invalid boxes: score -inf and the largest category, so they sort last.
+  // 1. Sort keys. Invalid boxes get the key -inf and, batched, the largest category.
   // NaN scores and non-finite boxes are invalid; +-inf scores are valid (as in torchvision):
   // a valid -inf box ties with the invalid ones in this sort, which is stable, so valid
   // boxes keep their index order and the invalid ones start out suppressed.
