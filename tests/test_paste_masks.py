@@ -141,20 +141,86 @@ def test_empty_bad_and_nonfinite_inputs():
         paste_masks(masks[:, None].expand(3, 2, 28, 28), boxes, (10, 10))
 
 
-def test_no_silent_gradients(seed):
-    """torchvision's paste is differentiable; ours has no backward and says so instead of
-    returning None gradients."""
-    masks, boxes = random_case(5)
-    masks.requires_grad_()
-    out = paste_masks(masks, boxes, (120, 160))
-    with pytest.raises(RuntimeError, match="paste_masks is not differentiable"):
-        out.sum().backward()
-    crops, _ = paste_masks_crops(masks, boxes, (120, 160))
-    with pytest.raises(RuntimeError, match="paste_masks_crops is not differentiable"):
-        sum(c.sum() for c in crops).backward()
-    assert paste_masks(masks, boxes, (120, 160), threshold=0.5).dtype == torch.bool
+@needs_torchvision
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_gradients_match_torchvision(seed, padding, tiny):
+    """torchvision's paste is differentiable with respect to the masks; so is ours, with the
+    same gradients (to float rounding). Boxes get no gradient, as there."""
+    masks, boxes = random_case(25, tiny=tiny)
+    g = torch.randn(25, 120, 160)
+    ours = masks.clone().requires_grad_()
+    (paste_masks(ours, boxes, (120, 160), padding) * g).sum().backward()
+    ref = masks.clone().requires_grad_()
+    pasted = 0
+    for i in range(25):
+        try:
+            out = paste_masks_in_image(ref[i:i + 1, None], boxes[i:i + 1], (120, 160), padding)[0, 0]
+        except RuntimeError:  # torchvision fails on boxes wholly outside the image; ours pastes nothing
+            continue
+        (out * g[i]).sum().backward()
+        pasted += 1
+    assert pasted > 10
+    ref_grad = torch.zeros_like(masks) if ref.grad is None else ref.grad
+    torch.testing.assert_close(ours.grad, ref_grad, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_aligned_gradients_match_grid_sample_reference(seed, tiny):
+    masks, boxes = random_case(25, tiny=tiny)
+    g = torch.randn(25, 120, 160)
+    ours = masks.clone().requires_grad_()
+    (paste_masks(ours, boxes, (120, 160), aligned=True) * g).sum().backward()
+    ref = masks.clone().requires_grad_()
+    (grid_sample_reference(ref, boxes, 120, 160) * g).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_gradients_are_the_adjoint_and_crops_agree(seed, aligned, dtype):
+    """Pasting is linear in the masks: <paste(m), G> = <m, grad(G)>. The crop form gives the
+    same gradients; boxes that paste nothing (non-finite, outside) get zero gradients."""
+    masks, boxes = random_case(20)
+    boxes[3, 0] = float("nan")
+    boxes[4] = torch.tensor([500.0, 500.0, 600.0, 600.0])
+    masks = masks.to(dtype)
+    g = torch.randn(20, 120, 160, dtype=torch.float64)
+    m = masks.clone().requires_grad_()
+    out = paste_masks(m, boxes, (120, 160), 1, aligned=aligned)
+    (out.double() * g).sum().backward()
+    lhs = (out.double() * g).sum()
+    rhs = (masks.double() * m.grad.double()).sum()
+    tol = 1e-5 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(lhs, rhs, rtol=tol, atol=tol)
+    assert m.grad.dtype == dtype and (m.grad[[3, 4]] == 0).all()
+    mc = masks.clone().requires_grad_()
+    crops, regions = paste_masks_crops(mc, boxes, (120, 160), 1, aligned=aligned)
+    total = sum((c.double() * g[n, r[1]:r[3], r[0]:r[2]]).sum() for n, (c, r) in enumerate(zip(crops, regions.tolist())))
+    total.backward()
+    assert torch.equal(mc.grad, m.grad)
+    empty = torch.zeros(0, 28, 28, dtype=dtype, requires_grad=True)
+    paste_masks(empty, torch.zeros(0, 4), (120, 160)).sum().backward()
+    assert empty.grad.shape == (0, 28, 28)
+
+
+def test_backward_ops_and_compile(seed):
+    masks, boxes = random_case(6)
+    g = torch.randn(6, 120, 160)
+    opcheck(torch.ops.instseg._paste_masks_backward.default, (g, masks, boxes, 120, 160, 1, False))
+    data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, boxes, 120, 160, 1, None, True)
+    opcheck(torch.ops.instseg._paste_masks_crops_backward.default,
+            (torch.randn_like(data), masks, boxes, regions, offsets, 120, 160, 1, True))
+    eager = masks.clone().requires_grad_()
+    (paste_masks(eager, boxes, (120, 160)) * g).sum().backward()
+    compiled = masks.clone().requires_grad_()
+    torch._dynamo.reset()
+    loss = torch.compile(lambda m, b: (paste_masks(m, b, (120, 160)) * g).sum(), fullgraph=True,
+                         backend="aot_eager")(compiled, boxes)
+    loss.backward()
+    assert torch.equal(compiled.grad, eager.grad)
     with torch.no_grad():
-        assert not paste_masks(masks, boxes, (120, 160)).requires_grad
+        assert not paste_masks(masks.requires_grad_(), boxes, (120, 160)).requires_grad
 
 
 def test_opcheck_and_compile(seed):
