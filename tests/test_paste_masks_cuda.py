@@ -107,3 +107,19 @@ def test_large_canvas_int64_indexing():
     boxes = torch.tensor([[29990.0, 29990.0, 29995.0, 29995.0]] * n, device="cuda")
     out = paste_masks(masks, boxes, (h, w), padding=0, threshold=0.5)
     assert out[2, 29990:29996, 29990:29996].all() and out[2].sum().item() == 36
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_cuda_gradients_match_cpu(seed, aligned):
+    masks, boxes = random_case(n=30, m=28)
+    g = torch.randn(30, 120, 160)
+    cpu = masks.clone().requires_grad_()
+    (paste_masks(cpu, boxes, (120, 160), 1, aligned=aligned) * g).sum().backward()
+    gpu = masks.cuda().requires_grad_()
+    (paste_masks(gpu, boxes.cuda(), (120, 160), 1, aligned=aligned) * g.cuda()).sum().backward()
+    assert gpu.grad.device.type == "cuda"
+    torch.testing.assert_close(gpu.grad.cpu(), cpu.grad, rtol=1e-5, atol=1e-5)
+    crops_in = masks.cuda().requires_grad_()
+    crops, regions = paste_masks_crops(crops_in, boxes.cuda(), (120, 160), 1, aligned=aligned)
+    sum((c * g.cuda()[n, r[1]:r[3], r[0]:r[2]]).sum() for n, (c, r) in enumerate(zip(crops, regions.tolist()))).backward()
+    torch.testing.assert_close(crops_in.grad.cpu(), cpu.grad, rtol=1e-5, atol=1e-5)
