@@ -7,6 +7,7 @@
 #include "tensor_utils.h"
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace instseg {
@@ -40,7 +41,7 @@ inline void check_scales_and_sampling(const char* op, at::ArrayRef<double> spati
   TORCH_CHECK(sampling_ratio <= kMaxSamplingRatio, op, ": sampling_ratio must be <= ",
               kMaxSamplingRatio, " (or <= 0 for the adaptive grid), got ", sampling_ratio);
   for (double s : spatial_scales)
-    TORCH_CHECK(std::isfinite(s) && std::fabs(s) <= 3.4028234663852886e38, op,
+    TORCH_CHECK(std::isfinite(s) && std::fabs(s) <= std::numeric_limits<float>::max(), op,
                 ": spatial_scale must be finite and within the float32 range, got ", s);
 }
 

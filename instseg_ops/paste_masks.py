@@ -167,7 +167,7 @@ def _paste_regions_backward(masks: Tensor, boxes: Tensor, height: int, width: in
                             region_grad) -> Tensor:
     """Gradient of the masks; ``region_grad(n, x0, y0, x1, y1)`` gives mask n's incoming
     gradient over those pixels."""
-    n, M = masks.shape[0], masks.shape[1]
+    M = masks.shape[1]
     acc = torch.float64 if masks.dtype == torch.float64 else torch.float32
     grad = torch.zeros(masks.shape, dtype=acc, device=masks.device)
     for k, box in enumerate(boxes.detach().float().cpu().numpy()):

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../roi_align_checks.h"
 #include "../roi_align_common.h"
@@ -46,40 +47,30 @@ inline unsigned int num_blocks(int64_t total) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(b, 1), int64_t(1) << 20));
 }
 
-// Raises for a batch index outside [0, batch_size). One small device-to-host
-// copy; skipped while the stream is being captured into a CUDA graph, where
-// the kernels still treat such RoIs as empty instead of reading out of bounds.
-void check_batch_indices(const at::Tensor& rois, int64_t batch_size) {
+// Raises for a batch index outside [0, batch_size) and, when `levels` is given,
+// a level outside [0, num_levels). One small device-to-host copy; skipped while
+// the stream is being captured into a CUDA graph, where the kernels still treat
+// such RoIs as empty (zeros, no gradient) instead of reading out of bounds.
+void check_indices(const char* op, const at::Tensor& rois, int64_t batch_size,
+                   const at::Tensor& levels = at::Tensor(), int64_t num_levels = 0) {
   if (rois.size(0) == 0) return;
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor b = rois.select(1, 0);
-  const at::Tensor range = at::stack({b.min(), b.max()}).to(at::kDouble).cpu();
-  const double lo = range.data_ptr<double>()[0], hi = range.data_ptr<double>()[1];
-  TORCH_CHECK(lo > -1.0 && hi < static_cast<double>(batch_size),
-              "roi_align: rois[:, 0] holds batch indices in [", lo, ", ", hi,
-              "], not all valid for an input with batch size ", batch_size);
-}
-
-// Multi-level: raises for a batch index outside [0, batch_size) or a level
-// outside [0, num_levels), with one small device-to-host copy for both; skipped
-// while the stream is being captured into a CUDA graph, where the kernels give
-// such RoIs zeros (and no gradient) instead of reading out of bounds.
-void check_multilevel_indices(const at::Tensor& rois, const at::Tensor& levels,
-                              int64_t batch_size, int64_t num_levels) {
-  if (rois.size(0) == 0) return;
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
-  const at::Tensor b = rois.select(1, 0);
-  const at::Tensor range = at::stack({b.min().to(at::kDouble), b.max().to(at::kDouble),
-                                      levels.min().to(at::kDouble), levels.max().to(at::kDouble)})
-                               .cpu();
+  std::vector<at::Tensor> parts{b.min().to(at::kDouble), b.max().to(at::kDouble)};
+  if (levels.defined()) {
+    parts.push_back(levels.min().to(at::kDouble));
+    parts.push_back(levels.max().to(at::kDouble));
+  }
+  const at::Tensor range = at::stack(parts).cpu();
   const double* r = range.data_ptr<double>();
-  TORCH_CHECK(r[0] > -1.0 && r[1] < static_cast<double>(batch_size),
-              "multilevel_roi_align: rois[:, 0] holds batch indices in [", r[0], ", ", r[1],
+  TORCH_CHECK(r[0] > -1.0 && r[1] < static_cast<double>(batch_size), op,
+              ": rois[:, 0] holds batch indices in [", r[0], ", ", r[1],
               "], not all valid for an input with batch size ", batch_size);
-  TORCH_CHECK(r[2] >= 0.0 && r[3] < static_cast<double>(num_levels),
-              "multilevel_roi_align: levels are in [", static_cast<int64_t>(r[2]), ", ",
-              static_cast<int64_t>(r[3]), "], not all a valid level index for ", num_levels,
-              " feature maps");
+  if (levels.defined()) {
+    TORCH_CHECK(r[2] >= 0.0 && r[3] < static_cast<double>(num_levels), op, ": levels are in [",
+                static_cast<int64_t>(r[2]), ", ", static_cast<int64_t>(r[3]),
+                "], not all a valid level index for ", num_levels, " feature maps");
+  }
 }
 
 // Up to kMaxLevels feature-map levels, passed to the kernels by value.
@@ -486,7 +477,7 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   const bool cl = use_channels_last(input);
   const at::Tensor feat = cl ? input : input.contiguous();
   const at::Tensor rois = rois_.to(acc_dtype(input.scalar_type())).contiguous();
-  check_batch_indices(rois, feat.size(0));
+  check_indices("roi_align", rois, feat.size(0));
   return forward_impl({feat}, rois, at::Tensor(), {Level{feat.size(2), feat.size(3), spatial_scale}},
                       pooled_height, pooled_width, sampling_ratio, aligned, cl);
 }
@@ -502,14 +493,14 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   TORCH_CHECK(grad.is_cuda(), "_roi_align_backward: CUDA kernel got a ", grad.device(), " grad");
   c10::cuda::OptionalCUDAGuard guard(grad.device());
   const at::Tensor rois = rois_.to(acc_dtype(grad.scalar_type())).contiguous();
-  check_batch_indices(rois, batch_size);
+  check_indices("_roi_align_backward", rois, batch_size);
   return backward_impl(grad, rois, at::Tensor(), {Level{height, width, spatial_scale}},
                        batch_size, channels, pooled_height, pooled_width, sampling_ratio,
                        aligned, channels_last, deterministic)[0];
 }
 
 // Multi-level: one launch each way. Invalid batch or level indices raise (one
-// small device-to-host copy, see check_multilevel_indices).
+// small device-to-host copy, see check_indices).
 at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::Tensor& rois,
                                              const at::Tensor& levels,
                                              at::ArrayRef<double> spatial_scales,
@@ -521,8 +512,8 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
   TORCH_CHECK(features[0].is_cuda(), "multilevel_roi_align: CUDA kernel got a ",
               features[0].device(), " input");
   c10::cuda::OptionalCUDAGuard guard(features[0].device());
-  check_multilevel_indices(rois, levels, features[0].size(0),
-                           static_cast<int64_t>(features.size()));
+  check_indices("multilevel_roi_align", rois, features[0].size(0), levels,
+                static_cast<int64_t>(features.size()));
   const bool cl = use_channels_last(features[0]);
   const std::vector<at::Tensor> feats = same_layout(features, cl);
   return forward_impl(feats, rois.to(acc_dtype(feats[0].scalar_type())).contiguous(),
@@ -542,7 +533,8 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
   TORCH_CHECK(grad.is_cuda(), "_multilevel_roi_align_backward: CUDA kernel got a ",
               grad.device(), " grad");
   c10::cuda::OptionalCUDAGuard guard(grad.device());
-  check_multilevel_indices(rois, levels, level_sizes[0], static_cast<int64_t>(lv.size()));
+  check_indices("_multilevel_roi_align_backward", rois, level_sizes[0], levels,
+                static_cast<int64_t>(lv.size()));
   return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(),
                        levels.contiguous(), lv, level_sizes[0], level_sizes[1], pooled_height,
                        pooled_width, sampling_ratio, aligned, channels_last, deterministic);
