@@ -144,3 +144,24 @@ def test_crops_opcheck_and_compile(seed):
     got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(masks, boxes), f(masks, boxes)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@SETTINGS
+@given(case=cases(), padding=st.integers(0, 2), aligned=st.booleans(), device=st.sampled_from(DEVICES))
+def test_gradient_is_the_adjoint_of_the_paste(case, padding, aligned, device):
+    """Pasting is linear in the masks, so <paste(m), G> = <m, grad(G)> for any G; the crop form
+    has the same gradient. Also for odd sizes, huge, tiny and non-finite boxes."""
+    masks, boxes, size = case
+    masks, boxes = masks.to(device, torch.float64), boxes.to(device)
+    g = torch.randn((masks.shape[0],) + tuple(size), dtype=torch.float64, device=device)
+    m = masks.clone().requires_grad_()
+    out = paste_masks(m, boxes, size, padding, None, aligned)
+    (out * g).sum().backward()
+    torch.testing.assert_close((out * g).sum(), (masks * m.grad).sum(), rtol=1e-5, atol=1e-5)
+    mc = masks.clone().requires_grad_()
+    crops, regions = paste_masks_crops(mc, boxes, size, padding, None, aligned)
+    total = sum(((c * g[n, r[1]:r[3], r[0]:r[2]]).sum() for n, (c, r) in enumerate(zip(crops, regions.tolist()))),
+                torch.zeros((), dtype=torch.float64, device=device))
+    if total.requires_grad:
+        total.backward()
+        assert torch.equal(mc.grad, m.grad)
