@@ -78,7 +78,10 @@ def extensions():
 
 
 setup(
-    packages=find_packages(include=["instseg_ops", "instseg_ops.*"]) + ["instseg_ops.models", "instseg_ops.models.data"],
+    # models/ (the design card's top-level folder) is installed as instseg_ops.models, with
+    # every subpackage under it found automatically.
+    packages=find_packages(include=["instseg_ops", "instseg_ops.*"]) + ["instseg_ops.models"]
+    + ["instseg_ops.models." + p for p in find_packages("models")],
     package_dir={"instseg_ops.models": "models"},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},

@@ -37,7 +37,7 @@ import bench_roi_align as base  # noqa: E402  device selection, metadata, format
 
 import instseg_ops  # noqa: E402
 from instseg_ops.models import maskrcnn_resnet50_fpn  # noqa: E402
-from instseg_ops.models.boxes import box_iou  # noqa: E402
+from instseg_ops.models.detection.boxes import box_iou  # noqa: E402
 
 try:
     import torchvision

@@ -1,23 +1,30 @@
-"""Instance segmentation models built on instseg_ops (installed as instseg_ops.models).
+"""Instance segmentation models built on instseg_ops (installed as ``instseg_ops.models``).
 
-Mask R-CNN is assembled from reusable pieces, each in its own module: ``backbone`` (ResNet
-bodies of depth 18/34/50/101 with frozen BN, BN or GroupNorm; FPN with the extra "pool"
-level), ``anchors``, ``boxes`` (IoU, box coder), ``matcher`` (IoU matcher, balanced
-positive/negative sampler), ``rpn`` (head, proposal filtering, losses), ``roi_heads`` (box and
-mask heads, their targets and losses, detection postprocessing) and ``transform`` (resize,
-normalise, batch; boxes back to the input sizes and masks pasted). RoIAlign, level
-assignment, NMS and mask pasting are instseg_ops' ops.
+Layout:
+
+- ``backbones/``: ResNet bodies, the FPN with pluggable top blocks, normalisation layers;
+- ``detection/``: anchors, box ops, matcher and sampler, RPN, RoI geometry and poolers, the
+  box and mask stages, the image transform;
+- one module or subpackage per model family (``mask_rcnn``);
+- ``registry`` (``get_model``, ``list_models``) and ``weights`` (``load_pretrained``);
+- ``data/``: COCO-format datasets, the synthetic shapes generator, COCO evaluation;
+- ``engine/``: the trainer, its hooks, checkpoints, distributed helpers, presets;
+- command lines: ``python -m instseg_ops.models.train``, ``.evaluate``, ``.demo``.
+
+RoIAlign, level assignment, NMS and mask pasting are instseg_ops' ops.
 """
-from .anchors import AnchorGenerator
-from .backbone import BackboneWithFPN, FeaturePyramid, FrozenBatchNorm2d, GroupNorm32, ResNetBody, resnet_fpn_backbone
-from .boxes import BoxCoder, box_iou
-from .mask_rcnn import MaskRCNN, load_torchvision_weights, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
-from .matcher import BalancedSampler, Matcher
-from .roi_heads import BoxPredictor, MaskHead, MaskPredictor, RoIHeads, TwoMLPHead
-from .rpn import RegionProposalNetwork, RPNHead
-from .transform import DetectionTransform
+from .backbones import (BackboneWithFPN, FeaturePyramid, FrozenBatchNorm2d, GroupNorm32, LastLevelMaxPool,
+                        LastLevelP6P7, ResNetBody, resnet_fpn_backbone)
+from .detection import (AnchorGenerator, BalancedSampler, BoxCoder, BoxPredictor, BoxStage, DetectionTransform,
+                        MaskHead, MaskPredictor, Matcher, RegionProposalNetwork, RoIGeometry, RoIHeads, RPNHead,
+                        TwoMLPHead, box_iou)
+from .mask_rcnn import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
+from .registry import get_model, list_models, register_model
+from .weights import load_pretrained, load_torchvision_weights, register_layout
 
-__all__ = ["MaskRCNN", "maskrcnn_resnet50_fpn", "maskrcnn_resnet_fpn", "load_torchvision_weights",
-           "AnchorGenerator", "BackboneWithFPN", "FeaturePyramid", "FrozenBatchNorm2d", "GroupNorm32", "ResNetBody",
-           "resnet_fpn_backbone", "BoxCoder", "box_iou", "Matcher", "BalancedSampler", "RegionProposalNetwork",
-           "RPNHead", "RoIHeads", "TwoMLPHead", "BoxPredictor", "MaskHead", "MaskPredictor", "DetectionTransform"]
+__all__ = ["get_model", "list_models", "register_model", "load_pretrained", "register_layout",
+           "load_torchvision_weights", "MaskRCNN", "maskrcnn_resnet50_fpn", "maskrcnn_resnet_fpn",
+           "AnchorGenerator", "BackboneWithFPN", "FeaturePyramid", "LastLevelMaxPool", "LastLevelP6P7",
+           "FrozenBatchNorm2d", "GroupNorm32", "ResNetBody", "resnet_fpn_backbone", "BoxCoder", "box_iou", "Matcher",
+           "BalancedSampler", "RegionProposalNetwork", "RPNHead", "RoIGeometry", "RoIHeads", "BoxStage",
+           "TwoMLPHead", "BoxPredictor", "MaskHead", "MaskPredictor", "DetectionTransform"]

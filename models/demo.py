@@ -1,4 +1,4 @@
-"""Run a trained Mask R-CNN checkpoint on one image and draw its detections.
+"""Run a trained checkpoint (any registered detector) on one image and draw its detections.
 
     python -m instseg_ops.models.demo --checkpoint RUN_DIR/model_final.pth --image IN.png \\
         --out OUT.png [--score-thresh 0.5] [--min-shown K] [--device cpu|cuda]
@@ -17,6 +17,7 @@ import torch
 
 from .data.coco import read_image
 from .data.png import write_png
+from .engine.checkpoint import model_from_checkpoint
 
 # 5x7 glyphs: 7 rows per character, the low 5 bits of each row byte are the pixels (MSB left).
 _GLYPHS_HEX = {
@@ -144,14 +145,7 @@ def draw_detections(image: np.ndarray, boxes, labels, scores, masks=None, names:
 
 def load_model(checkpoint: str, device: str = "cpu"):
     """(model in eval mode, {label: name}) from a checkpoint written by the trainer."""
-    from .presets import Preset
-    from .train import build_model, load_checkpoint
-    ckpt = load_checkpoint(checkpoint)
-    preset = Preset.from_dict(ckpt["preset"])
-    model = build_model(preset)
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    names = {int(k): str(v) for k, v in (ckpt.get("categories") or {}).items()}
+    model, names, _ = model_from_checkpoint(checkpoint, device)
     return model, names
 
 

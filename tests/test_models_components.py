@@ -9,12 +9,13 @@ import torch
 
 import instseg_ops
 from instseg_ops.models import MaskRCNN, load_torchvision_weights, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
-from instseg_ops.models.anchors import AnchorGenerator
-from instseg_ops.models.backbone import FrozenBatchNorm2d, GroupNorm32, _GroupNormChannelsLast, resnet_fpn_backbone
-from instseg_ops.models.boxes import BoxCoder, box_iou
-from instseg_ops.models.matcher import BalancedSampler, Matcher
-from instseg_ops.models.roi_heads import mask_targets
-from instseg_ops.models.transform import DetectionTransform
+from instseg_ops.models.detection.anchors import AnchorGenerator
+from instseg_ops.models.backbones import FrozenBatchNorm2d, GroupNorm32, resnet_fpn_backbone
+from instseg_ops.models.backbones.norms import _GroupNormChannelsLast
+from instseg_ops.models.detection.boxes import BoxCoder, box_iou
+from instseg_ops.models.detection.matcher import BalancedSampler, Matcher
+from instseg_ops.models.detection.poolers import mask_targets
+from instseg_ops.models.detection.transform import DetectionTransform
 
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
@@ -308,16 +309,17 @@ def test_maskrcnn_resnet50_fpn_defaults_and_overrides():
     m = maskrcnn_resnet50_fpn()
     assert isinstance(m, MaskRCNN)
     rpn, rh, tr = m.rpn, m.roi_heads, m.transform
+    bs = rh.box_stage
     assert rpn.anchor_generator.sizes == [(32,), (64,), (128,), (256,), (512,)]
     assert rpn.anchor_generator.aspect_ratios == [(0.5, 1.0, 2.0)] * 5
     assert rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
     assert rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
     assert (rpn.nms_thresh, rpn.matcher.high, rpn.matcher.low) == (0.7, 0.7, 0.3)
-    assert rpn.matcher.allow_low_quality_matches and not rh.matcher.allow_low_quality_matches
+    assert rpn.matcher.allow_low_quality_matches and not bs.matcher.allow_low_quality_matches
     assert (rpn.sampler.batch_size_per_image, rpn.sampler.positive_fraction) == (256, 0.5)
-    assert (rh.matcher.high, rh.matcher.low) == (0.5, 0.5)
-    assert (rh.sampler.batch_size_per_image, rh.sampler.positive_fraction) == (512, 0.25)
-    assert rh.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert (bs.matcher.high, bs.matcher.low) == (0.5, 0.5)
+    assert (bs.sampler.batch_size_per_image, bs.sampler.positive_fraction) == (512, 0.25)
+    assert bs.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     assert (rh.score_thresh, rh.nms_thresh, rh.detections_per_img) == (0.05, 0.5, 100)
     assert isinstance(rh.box_roi_pool, instseg_ops.MultiScaleRoIAlign)
     assert isinstance(rh.mask_roi_pool, instseg_ops.MultiScaleRoIAlign)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from instseg_ops.models import maskrcnn_resnet50_fpn
-from instseg_ops.models.boxes import box_iou
+from instseg_ops.models.detection.boxes import box_iou
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from instseg_ops.models import demo, presets
-from instseg_ops.models import train as T
+from instseg_ops.models import demo, list_models
+from instseg_ops.models import train as cli
+from instseg_ops.models.engine import checkpoint, hooks, loader, presets, solver, trainer
 from instseg_ops.models.data import generate_split, read_png, write_png
 
 SIZE = 64
@@ -58,20 +59,25 @@ def iteration_losses(records):
 # ------------------------------------------------------------------------------------- presets
 
 def test_presets_settings():
+    from instseg_ops.models.mask_rcnn import SHAPES_MODELS
     r18 = presets.get_preset("shapes_r18_cpu")
-    assert r18.model["depth"] == 18 and r18.model["norm"] in ("gn", "bn") and r18.model["num_classes"] == 7
-    assert r18.model["trainable_layers"] == 5
-    assert r18.model["min_size"] == r18.model["max_size"] == r18.image_size == 256
+    kw = SHAPES_MODELS[r18.arch]
+    assert kw["depth"] == 18 and kw["norm"] in ("gn", "bn") and kw["num_classes"] == 7
+    assert kw["trainable_layers"] == 5 and kw["min_size"] == kw["max_size"] == 256
     assert r18.momentum == 0.9 and r18.weight_decay > 0 and r18.warmup_iters > 0
     assert all(0 < m < r18.iters for m in r18.milestones) and r18.gamma == 0.1
     fast = presets.get_preset("shapes_r18_fast_cpu")
-    assert fast.model["mask_positives_per_image"] == 8 and fast.time_budget > 0 and fast.optimizer == "sgd"
-    assert fast.scale_schedule == ((0.3, 0.625), (0.6, 0.75)) and fast.model["aligned"]
+    kw = SHAPES_MODELS[fast.arch]
+    assert kw["mask_positives_per_image"] == 8 and fast.time_budget > 0 and fast.optimizer == "sgd"
+    assert fast.scale_schedule == ((0.3, 0.625), (0.6, 0.75)) and kw["aligned"]
     r50 = presets.get_preset("shapes_r50_gpu")
-    assert r50.model["depth"] == 50 and r50.model["norm"] != "frozen_bn" and r50.model["num_classes"] == 7
-    assert r50.model["min_size"] == r50.image_size == 512 and r50.amp
+    kw = SHAPES_MODELS[r50.arch]
+    assert kw["depth"] == 50 and kw["norm"] != "frozen_bn" and kw["num_classes"] == 7
+    assert kw["min_size"] == 512 and r50.amp
+    # Every preset names a registered model.
+    assert all(p.arch in list_models() for p in presets.PRESETS.values())
     # The model kwargs are valid for the builder.
-    model = T.build_model(r18)
+    model = presets.build_model(r18)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(p.numel() for p in model.parameters())
     # Shorter schedules scale the milestones; unknown names are refused.
     short = presets.get_preset("shapes_r18_cpu", iters=300)
@@ -86,7 +92,7 @@ def test_presets_settings():
 def test_warmup_multistep_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
-    sched = T.WarmupMultiStepLR(opt, milestones=(6, 8), gamma=0.1, warmup_iters=4, warmup_factor=0.0)
+    sched = solver.WarmupLR(opt, milestones=(6, 8), gamma=0.1, warmup_iters=4, warmup_factor=0.0)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -99,7 +105,7 @@ def test_warmup_cosine_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2.0, momentum=0.9)
     warm, total = 3, 13
-    sched = T.WarmupMultiStepLR(opt, milestones=(5,), warmup_iters=warm, warmup_factor=0.1, mode="cosine",
+    sched = solver.WarmupLR(opt, milestones=(5,), warmup_iters=warm, warmup_factor=0.1, mode="cosine",
                                 total_iters=total)
     lrs = []
     for _ in range(total + 2):
@@ -112,56 +118,56 @@ def test_warmup_cosine_schedule():
     np.testing.assert_allclose(lrs, expect, atol=1e-12)
     assert lrs[warm] == 2.0 and lrs[total] == 0.0 and lrs[-1] == 0.0  # milestones ignored, stays at 0
     with pytest.raises(ValueError, match="schedule"):
-        T.WarmupMultiStepLR(opt, milestones=(), mode="linear")
+        solver.WarmupLR(opt, milestones=(), mode="linear")
     with pytest.raises(ValueError, match="total_iters"):
-        T.WarmupMultiStepLR(opt, milestones=(), warmup_iters=5, mode="cosine", total_iters=5)
+        solver.WarmupLR(opt, milestones=(), warmup_iters=5, mode="cosine", total_iters=5)
 
 
 def test_optimizer_choice_and_weight_decay_groups():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
         p = presets.get_preset("tiny_cpu", optimizer=name, weight_decay=0.05, lr=1e-3)
-        opt, _ = T.build_optimizer(model, p)
+        opt, _ = solver.build_optimizer(model, p)
         assert type(opt) is cls
         decay, no_decay = opt.param_groups
         # Only the convolution's weight is decayed; its bias and the norm's affine parameters are not.
         assert [t.shape for t in decay["params"]] == [model[0].weight.shape] and decay["weight_decay"] == 0.05
         assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
-    args = T.parse_args(["--preset", "tiny_cpu", "--data", "d", "--out", "o", "--optimizer", "adamw",
+    args = cli.parse_args(["--preset", "tiny_cpu", "--data", "d", "--out", "o", "--optimizer", "adamw",
                          "--weight-decay", "0.05"])
-    p = T.preset_from_args(args)
+    p = cli.preset_from_args(args)
     assert (p.optimizer, p.weight_decay) == ("adamw", 0.05)
     assert not p.cache_data  # tiny_cpu's default
     base = ["--preset", "shapes_r18_fast_cpu", "--data", "d", "--out", "o"]
-    assert T.preset_from_args(T.parse_args(base)).cache_data
-    assert not T.preset_from_args(T.parse_args(base + ["--no-cache-data"])).cache_data
-    assert T.preset_from_args(T.parse_args(["--preset", "tiny_cpu", "--data", "d", "--out", "o",
+    assert cli.preset_from_args(cli.parse_args(base)).cache_data
+    assert not cli.preset_from_args(cli.parse_args(base + ["--no-cache-data"])).cache_data
+    assert cli.preset_from_args(cli.parse_args(["--preset", "tiny_cpu", "--data", "d", "--out", "o",
                                             "--cache-data"])).cache_data
     with pytest.raises(ValueError, match="optimizer"):
-        T.build_optimizer(model, presets.get_preset("tiny_cpu", optimizer="adam"))
+        solver.build_optimizer(model, presets.get_preset("tiny_cpu", optimizer="adam"))
 
 
 def test_adamw_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=24, batch_size=2, lr=2e-3, optimizer="adamw", weight_decay=0.05,
                            warmup_iters=3, milestones=(), hflip_prob=0.0, log_period=1000)
-    result = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    result = trainer.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
     losses = [r["loss"] for r in result["losses"]]
     assert len(losses) == 24 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
 
 
 def test_sharded_batches_cover_and_resume():
-    full = T.ShardedBatches(10, 2, seed=1, rank=0, world_size=1)
+    full = loader.ShardedBatches(10, 2, seed=1, rank=0, world_size=1)
     it = iter(full)
     first = [next(it) for _ in range(10)]  # two epochs of 5 batches
     assert sorted(i for b in first[:5] for i, _ in b) == list(range(10))
     assert [i for b in first[:5] for i, _ in b] != [i for b in first[5:] for i, _ in b]  # reshuffled
-    resumed = iter(T.ShardedBatches(10, 2, seed=1, rank=0, world_size=1, start=7))
+    resumed = iter(loader.ShardedBatches(10, 2, seed=1, rank=0, world_size=1, start=7))
     assert next(resumed) == first[7]
     # Two ranks split each global batch; together they are the 1-process order for batch 4.
-    r0 = T.ShardedBatches(10, 2, seed=1, rank=0, world_size=2)
-    r1 = T.ShardedBatches(10, 2, seed=1, rank=1, world_size=2)
-    both = T.ShardedBatches(10, 4, seed=1, rank=0, world_size=1)
+    r0 = loader.ShardedBatches(10, 2, seed=1, rank=0, world_size=2)
+    r1 = loader.ShardedBatches(10, 2, seed=1, rank=1, world_size=2)
+    both = loader.ShardedBatches(10, 4, seed=1, rank=0, world_size=1)
     for b in range(4):
         assert r0.batch(b) + r1.batch(b) == both.batch(b)
     epoch = [i for b in range(3) for part in (r0.batch(b), r1.batch(b)) for i, _ in part]
@@ -173,7 +179,7 @@ def test_sharded_batches_cover_and_resume():
 def test_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=24, batch_size=2, lr=0.02, warmup_iters=3, milestones=(),
                            hflip_prob=0.0, log_period=1000)
-    result = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    result = trainer.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
     losses = [r["loss"] for r in result["losses"]]
     assert len(losses) == 24 and all(np.isfinite(losses))
     first, last = np.mean(losses[:4]), np.mean(losses[-4:])
@@ -183,7 +189,7 @@ def test_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
     assert recs[0]["config"]["name"] == "tiny_cpu"
     its = [r for r in recs if "losses" in r]
     assert [r["iter"] for r in its] == list(range(1, 25))
-    assert set(its[0]["losses"]) == set(T.LOSS_KEYS) and {"lr", "time", "data_time"} <= set(its[0])
+    assert set(its[0]["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} and {"lr", "time", "data_time"} <= set(its[0])
     assert recs[-1].get("done") is True
 
 
@@ -194,7 +200,7 @@ def test_time_budget_stops_and_decays(two_image_dir, tmp_path):
                            time_budget=0.1, budget_milestones=(0.5, 0.75), budget_reserve_s=1.0, gamma=0.1,
                            log_period=100000)
     t0 = time.perf_counter()
-    result = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    result = trainer.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
     wall = time.perf_counter() - t0
     n = result["iteration"]
     assert 3 <= n < 100000 and wall < 6.0 + 30.0, (n, wall)  # + one iteration and the final evaluation
@@ -207,35 +213,35 @@ def test_time_budget_stops_and_decays(two_image_dir, tmp_path):
     done = recs[-1]
     assert done["done"] is True and done["stopped_by_time_budget"] is True
     assert 5.0 - 0.5 <= done["budget_elapsed"]  # stopped only once budget - reserve was used
-    ck = T.load_checkpoint(str(tmp_path / "run" / "model_final.pth"))
+    ck = checkpoint.load_checkpoint(str(tmp_path / "run" / "model_final.pth"))
     assert len(ck["scheduler"]["milestones"]) == 2 and ck["budget_elapsed"] >= 5.0 - 0.5
     with pytest.raises(ValueError, match="step schedule"):
-        T.train(presets.get_preset("tiny_cpu", time_budget=1.0, schedule="cosine"), two_image_dir,
+        trainer.train(presets.get_preset("tiny_cpu", time_budget=1.0, schedule="cosine"), two_image_dir,
                 str(tmp_path / "bad"), device="cpu", log=quiet)
 
 
 def test_scale_schedule_helpers_cli_and_preset_round_trip(two_image_dir, tmp_path):
     sch = ((0.5, 0.5), (0.8, 0.75))
-    assert [T.scale_at(sch, f) for f in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
-    assert T.scale_at(((0.8, 0.75), (0.5, 0.5)), 0.6) == 0.75  # the order of the entries does not matter
-    assert T.scale_at((), 0.0) == 1.0
+    assert [hooks.scale_at(sch, f) for f in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+    assert hooks.scale_at(((0.8, 0.75), (0.5, 0.5)), 0.6) == 0.75  # the order of the entries does not matter
+    assert hooks.scale_at((), 0.0) == 1.0
     base = ["--preset", "tiny_cpu", "--data", "d", "--out", "o"]
-    p = T.preset_from_args(T.parse_args(base + ["--scale-schedule", "0.5:0.5,0.8:0.75"]))
+    p = cli.preset_from_args(cli.parse_args(base + ["--scale-schedule", "0.5:0.5,0.8:0.75"]))
     assert p.scale_schedule == sch
     assert presets.Preset.from_dict(json.loads(json.dumps(p.to_dict()))).scale_schedule == sch
-    assert T.preset_from_args(T.parse_args(base + ["--scale-schedule", "none"])).scale_schedule == ()
-    assert T.preset_from_args(T.parse_args(base)).scale_schedule == presets.get_preset("tiny_cpu").scale_schedule
+    assert cli.preset_from_args(cli.parse_args(base + ["--scale-schedule", "none"])).scale_schedule == ()
+    assert cli.preset_from_args(cli.parse_args(base)).scale_schedule == presets.get_preset("tiny_cpu").scale_schedule
     for bad in ("0.5", "1.5:0.5", "0.5:0", "a:b", "0.5:0.5:1"):
         with pytest.raises(SystemExit):
-            T.parse_args(base + ["--scale-schedule", bad])
+            cli.parse_args(base + ["--scale-schedule", bad])
     with pytest.raises(ValueError, match="scale_schedule"):
-        T.train(presets.get_preset("tiny_cpu", scale_schedule=((0.5, -1.0),)), two_image_dir, str(tmp_path / "bad"),
+        trainer.train(presets.get_preset("tiny_cpu", scale_schedule=((0.5, -1.0),)), two_image_dir, str(tmp_path / "bad"),
                 device="cpu", log=quiet)
 
 
 def test_transform_train_scale_applies_only_in_training():
-    from instseg_ops.models.transform import DetectionTransform
-    t = DetectionTransform(64, 64, [0.0] * 3, [1.0] * 3, channels_last=False, aligned=True)
+    from instseg_ops.models.detection import DetectionTransform, RoIGeometry
+    t = DetectionTransform(64, 64, [0.0] * 3, [1.0] * 3, channels_last=False, geometry=RoIGeometry(aligned=True))
     img = torch.rand(3, 64, 64)
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 9:41, 17:49] = 1
@@ -258,33 +264,33 @@ def test_transform_train_scale_applies_only_in_training():
 def test_training_follows_the_scale_schedule(two_image_dir, tmp_path, monkeypatch):
     # Iterations 1-2 of 4 at half size, 3-4 at full size: the backbone sees it.
     seen = []
-    build = T.build_model
+    build = presets.build_model
 
     def build_and_watch(preset):
         model = build(preset)
         model.backbone.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
         return model
 
-    monkeypatch.setattr(T, "build_model", build_and_watch)
+    monkeypatch.setattr(trainer, "build_model", build_and_watch)
     lines = []
     p = presets.get_preset("tiny_cpu", iters=4, batch_size=2, scale_schedule=((0.5, 0.5),), eval_period=0,
                            log_period=1000)
-    res = T.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0,
+    res = trainer.train(p, two_image_dir, str(tmp_path / "run"), device="cpu", seed=0,
                   log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert seen == [(32, 32), (32, 32), (64, 64), (64, 64)], seen
     assert all(np.isfinite(r["loss"]) for r in res["losses"])
     assert any("0.5x" in line and "iteration 1" in line for line in lines), lines
     assert any("1x" in line and "iteration 3" in line for line in lines), lines
-    ck = T.load_checkpoint(str(tmp_path / "run" / "model_final.pth"))
+    ck = checkpoint.load_checkpoint(str(tmp_path / "run" / "model_final.pth"))
     assert presets.Preset.from_dict(ck["preset"]).scale_schedule == ((0.5, 0.5),)
 
 
 def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=4, batch_size=2, checkpoint_period=2, eval_period=0, hflip_prob=0.5)
     a = str(tmp_path / "a")
-    full = T.train(p, shapes_dir, a, device="cpu", seed=1, log=quiet)
+    full = trainer.train(p, shapes_dir, a, device="cpu", seed=1, log=quiet)
     assert os.path.exists(os.path.join(a, "checkpoint_0000002.pth"))
-    ck = T.load_checkpoint(os.path.join(a, "checkpoint_0000002.pth"))
+    ck = checkpoint.load_checkpoint(os.path.join(a, "checkpoint_0000002.pth"))
     assert ck["iteration"] == 2 and ck["data"]["batches_consumed"] == 2
     assert {"model", "optimizer", "scheduler", "rng_per_rank", "preset", "categories"} <= set(ck)
     assert {"torch", "numpy", "python"} <= set(ck["rng_per_rank"][0])
@@ -293,7 +299,7 @@ def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
     b = str(tmp_path / "b")
     p_workers = presets.get_preset("tiny_cpu", iters=4, batch_size=2, checkpoint_period=2, eval_period=0,
                                    hflip_prob=0.5, workers=1)
-    res = T.train(p_workers, shapes_dir, b, device="cpu", seed=1,
+    res = trainer.train(p_workers, shapes_dir, b, device="cpu", seed=1,
                   resume_from=os.path.join(a, "checkpoint_0000002.pth"), log=quiet)
     want = [r["loss"] for r in full["losses"][2:]]
     got = [r["loss"] for r in res["losses"]]
@@ -305,7 +311,7 @@ def test_resume_reproduces_the_next_losses(shapes_dir, tmp_path):
     # checkpoint is used and metrics.jsonl keeps one record per iteration.
     with open(os.path.join(a, "last_checkpoint"), "w") as f:
         f.write("checkpoint_0000002.pth\n")
-    out = T.main(["--preset", "tiny_cpu", "--data", shapes_dir, "--out", a, "--iters", "4", "--batch-size", "2",
+    out = cli.main(["--preset", "tiny_cpu", "--data", shapes_dir, "--out", a, "--iters", "4", "--batch-size", "2",
                   "--checkpoint-every", "2", "--device", "cpu", "--seed", "1", "--resume", "--eval-every", "0"])
     np.testing.assert_allclose([r["loss"] for r in out["losses"]], want, rtol=0, atol=1e-6)
     its = [r["iter"] for r in read_metrics(a) if "losses" in r]
@@ -316,17 +322,17 @@ def test_amp_and_gradient_clipping_on_cpu(two_image_dir, tmp_path):
     # On the CPU --amp means bfloat16 autocast (no grad scaler); clipping logs the gradient norm.
     p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, amp=True, clip_grad=0.5, eval_period=0)
     run = str(tmp_path / "run")
-    res = T.train(p, two_image_dir, run, device="cpu", seed=0, log=quiet)
+    res = trainer.train(p, two_image_dir, run, device="cpu", seed=0, log=quiet)
     assert all(np.isfinite(r["loss"]) for r in res["losses"])
     recs = [r for r in read_metrics(run) if "losses" in r]
     assert len(recs) == 2 and all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in recs)
-    assert T.load_checkpoint(os.path.join(run, "model_final.pth"))["scaler"] is None
+    assert checkpoint.load_checkpoint(os.path.join(run, "model_final.pth"))["scaler"] is None
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pth")
-    T.atomic_save({"x": torch.arange(3)}, path)
-    assert torch.equal(T.load_checkpoint(path)["x"], torch.arange(3))
+    checkpoint.atomic_save({"x": torch.arange(3)}, path)
+    assert torch.equal(checkpoint.load_checkpoint(path)["x"], torch.arange(3))
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file's mode, not mkstemp's 0600
@@ -339,30 +345,30 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        T.atomic_save({"x": torch.zeros(5)}, path)
+        checkpoint.atomic_save({"x": torch.zeros(5)}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.equal(T.load_checkpoint(path)["x"], torch.arange(3))  # the old file, untouched
+    assert torch.equal(checkpoint.load_checkpoint(path)["x"], torch.arange(3))  # the old file, untouched
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no temporary left behind
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
-        T.atomic_save({"x": 1}, str(tmp_path / "new.pth"))
+        checkpoint.atomic_save({"x": 1}, str(tmp_path / "new.pth"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no partial new file either
 
 
 def test_old_checkpoints_are_pruned(two_image_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=5, batch_size=2, checkpoint_period=1, eval_period=0)
     run = str(tmp_path / "run")
-    T.train(p, two_image_dir, run, device="cpu", seed=0, keep_checkpoints=2, log=quiet)
+    trainer.train(p, two_image_dir, run, device="cpu", seed=0, keep_checkpoints=2, log=quiet)
     assert sorted(f for f in os.listdir(run) if f.endswith(".pth")) == [
         "checkpoint_0000003.pth", "checkpoint_0000004.pth", "model_final.pth"]
-    assert T.find_resume_checkpoint(run) == os.path.join(run, "model_final.pth")
+    assert checkpoint.find_resume_checkpoint(run) == os.path.join(run, "model_final.pth")
 
 
 def test_evaluation_and_final_checkpoint(shapes_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, eval_period=1, eval_images=1, checkpoint_period=0)
     run = str(tmp_path / "run")
-    res = T.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
+    res = trainer.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
     evals = [r for r in read_metrics(run) if "eval" in r]
     assert [r["iter"] for r in evals] == [1, 2]
     assert [r["eval_images"] for r in evals] == [1, 2]  # periodic: the first image; final: all
@@ -370,7 +376,7 @@ def test_evaluation_and_final_checkpoint(shapes_dir, tmp_path):
         assert set(evals[-1]["eval"][iou]) >= {"AP", "AP50", "AP75"}
         assert -1.0 <= evals[-1]["eval"][iou]["AP"] <= 1.0
     assert res["eval"] == evals[-1]["eval"]
-    ck = T.load_checkpoint(os.path.join(run, "model_final.pth"))
+    ck = checkpoint.load_checkpoint(os.path.join(run, "model_final.pth"))
     assert ck["iteration"] == 2 and ck["categories"][1] == "circle" and len(ck["categories"]) == 6
     assert sorted(f for f in os.listdir(run) if f.endswith(".tmp")) == []
 
@@ -402,13 +408,13 @@ def test_ddp_two_processes_gloo_keep_replicas_identical(shapes_dir, tmp_path):
         assert len(s) == 2 and s[0] == s[1], sums
     assert recs[0]["world_size"] == 2
     assert [r["iter"] for r in recs if "losses" in r] == [1, 2, 3]  # rank 0 logs alone
-    ck = T.load_checkpoint(os.path.join(run, "model_final.pth"))
+    ck = checkpoint.load_checkpoint(os.path.join(run, "model_final.pth"))
     assert len(ck["rng_per_rank"]) == 2 and ck["world_size"] == 2
     assert not any(k.startswith("module.") for k in ck["model"])
     # The saved final weights are the replicas' weights.
-    model = T.build_model(presets.Preset.from_dict(ck["preset"]))
+    model = presets.build_model(presets.Preset.from_dict(ck["preset"]))
     model.load_state_dict(ck["model"])
-    assert T.param_checksum(model) == sums[-1][0]
+    assert checkpoint.param_checksum(model) == sums[-1][0]
     # The final evaluation ran sharded over both ranks and was gathered on rank 0.
     evals = [r for r in recs if "eval" in r]
     assert len(evals) == 1 and evals[0]["eval_images"] == 2 and "segm" in evals[0]["eval"]
@@ -444,7 +450,7 @@ def test_draw_detections_numpy():
 def test_demo_writes_png_of_the_image_size(shapes_dir, tmp_path):
     p = presets.get_preset("tiny_cpu", iters=1, batch_size=2, eval_period=0)
     run = str(tmp_path / "run")
-    T.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
+    trainer.train(p, shapes_dir, run, device="cpu", seed=0, log=quiet)
     src = read_png(os.path.join(shapes_dir, "val", "000000.png"))
     image = str(tmp_path / "in.png")
     write_png(image, np.ascontiguousarray(src[:50, :, :3]))  # not square: 50 x 64

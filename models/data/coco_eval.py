@@ -186,6 +186,17 @@ class Evaluator:
                 self.results[t].extend(res[t])
             self.img_ids.add(image_id)
 
+    def synchronize(self, all_gather) -> None:
+        """Merges the results of every process into each: ``all_gather(obj)`` returns the list
+        of every rank's ``obj`` (``torch.distributed.all_gather_object``, or ``lambda o: [o]``
+        in a single process). Ranks' image sets must not overlap."""
+        parts = all_gather((self.results, sorted(self.img_ids)))
+        self.reset()
+        for results, img_ids in parts:
+            for iou_type, res in results.items():
+                self.results[iou_type].extend(res)
+            self.img_ids.update(img_ids)
+
     def _results_coco(self, iou_type):
         results = self.results[iou_type]
         if results:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import instseg_ops
+from .poolers import RoIGeometry
 
 
 def scale_boxes(boxes: Tensor, old: Sequence[int], new: Sequence[int]) -> Tensor:
@@ -34,12 +34,12 @@ class DetectionTransform(nn.Module):
     resizing: the trainer lowers it for the first part of a run, see ``Preset.scale_schedule``);
     evaluation always uses the full size.
 
-    ``aligned`` (the half-pixel-correct geometry): ``postprocess`` pastes masks with ``paste_masks(aligned=True)`` (sub-pixel
-    boxes, for mask heads trained on half-pixel-correct targets) instead of torchvision's
-    integer-box pasting; it also resizes training masks with "nearest-exact" instead of "nearest"."""
+    ``geometry`` (``RoIGeometry``, shared with the second stage): how ``postprocess`` pastes
+    masks and how training masks are resized."""
 
     def __init__(self, min_size, max_size: int, image_mean: Sequence[float], image_std: Sequence[float],
-                 size_divisible: int = 32, channels_last: Optional[bool] = None, aligned: bool = False):
+                 size_divisible: int = 32, channels_last: Optional[bool] = None,
+                 geometry: RoIGeometry = RoIGeometry()):
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         self.max_size = max_size
@@ -47,7 +47,11 @@ class DetectionTransform(nn.Module):
         self.size_divisible = size_divisible
         self.channels_last = channels_last
         self.train_scale = 1.0
-        self.aligned = aligned
+        self.geometry = geometry
+
+    @property
+    def aligned(self) -> bool:
+        return self.geometry.aligned
 
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
@@ -72,11 +76,8 @@ class DetectionTransform(nn.Module):
             target["boxes"] = scale_boxes(target["boxes"], (h, w), image.shape[-2:])
             if "masks" in target:
                 m = target["masks"]
-                # Aligned geometry: nearest-exact (output pixel i takes the input pixel under its
-                # centre, as the bilinear image resize); else torchvision's "nearest" (floor(i / scale),
-                # up to a pixel off), which its training losses are checked against.
-                mode = "nearest-exact" if self.aligned else "nearest"
-                target["masks"] = F.interpolate(m[:, None].float(), scale_factor=scale, mode=mode,
+                target["masks"] = F.interpolate(m[:, None].float(), scale_factor=scale,
+                                                mode=self.geometry.mask_resize_mode,
                                                 recompute_scale_factor=True)[:, 0].byte()
         return image, target
 
@@ -109,6 +110,5 @@ class DetectionTransform(nn.Module):
         for r, size, orig in zip(results, sizes, original_sizes):
             r["boxes"] = scale_boxes(r["boxes"], size, orig)
             if "masks" in r:
-                r["masks"] = instseg_ops.paste_masks(r["masks"], r["boxes"], orig, padding=1,
-                                                     aligned=self.aligned)[:, None]
+                r["masks"] = self.geometry.paste(r["masks"], r["boxes"], orig)[:, None]
         return results

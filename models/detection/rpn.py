@@ -47,7 +47,7 @@ def flatten_levels(logits: List[Tensor], deltas: List[Tensor]) -> Tuple[Tensor, 
 
 
 class RegionProposalNetwork(nn.Module):
-    def __init__(self, anchor_generator: AnchorGenerator, head: RPNHead, fg_iou_thresh: float = 0.7,
+    def __init__(self, *, anchor_generator: AnchorGenerator, head: RPNHead, fg_iou_thresh: float = 0.7,
                  bg_iou_thresh: float = 0.3, batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_top_n: Dict[str, int] = None, post_nms_top_n: Dict[str, int] = None,
                  nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3):

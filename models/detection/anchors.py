@@ -1,5 +1,5 @@
 """Anchor generator: per pyramid level, a grid of anchors of the level's sizes and aspect ratios."""
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,3 @@ class AnchorGenerator(nn.Module):
         anchors = torch.cat(per_level)
         return [anchors for _ in range(num_images)]
 
-
-def level_counts(features: Dict[str, Tensor], num_anchors: List[int]) -> List[int]:
-    return [f.shape[-2] * f.shape[-1] * a for f, a in zip(features.values(), num_anchors)]

@@ -1,0 +1,16 @@
+"""Building blocks of the detectors: anchors, box ops and coder, matcher and sampler, region
+proposals, the RoI geometry and poolers, the second stage's box and mask stages, and the
+image transform."""
+from .anchors import AnchorGenerator
+from .boxes import BoxCoder, box_area, box_iou, clip_boxes
+from .matcher import BalancedSampler, Matcher
+from .poolers import RoIGeometry, mask_targets
+from .roi_heads import (BoxPredictor, BoxStage, MaskHead, MaskPredictor, RoIHeads, SampledProposals, TwoMLPHead,
+                        detect, label_and_sample)
+from .rpn import RegionProposalNetwork, RPNHead
+from .transform import DetectionTransform
+
+__all__ = ["AnchorGenerator", "BoxCoder", "box_area", "box_iou", "clip_boxes", "BalancedSampler", "Matcher",
+           "RoIGeometry", "mask_targets", "BoxPredictor", "BoxStage", "MaskHead", "MaskPredictor", "RoIHeads",
+           "SampledProposals", "TwoMLPHead", "detect", "label_and_sample", "RegionProposalNetwork", "RPNHead",
+           "DetectionTransform"]
