@@ -34,6 +34,15 @@ def parse_scale_schedule(text: str) -> Tuple[Tuple[float, float], ...]:
     return out
 
 
+def parse_lr_multiplier(text: str) -> Tuple[str, float]:
+    try:
+        prefix, factor = text.split("=")
+        return prefix.strip(), float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad learning-rate multiplier {text!r} (want PREFIX=FACTOR, "
+                                         "e.g. backbone=0.1)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m instseg_ops.models.train", description=__doc__.split("\n")[0])
     p.add_argument("--preset", required=True, choices=preset_names())
@@ -44,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="SGD with momentum, or AdamW")
     p.add_argument("--weight-decay", type=float, help="weight decay (not on normalisation parameters and biases)")
+    p.add_argument("--lr-mult", type=parse_lr_multiplier, action="append", metavar="PREFIX=FACTOR",
+                   help="multiply the learning rate of parameters whose name starts with PREFIX by FACTOR "
+                        "(repeatable; the longest matching prefix wins), e.g. backbone=0.1")
     p.add_argument("--schedule", choices=["step", "cosine"],
                    help="learning rate after warmup: step decay at the milestones, or cosine to 0 at --iters")
     p.add_argument("--warmup", type=int, help="linear warmup iterations")
@@ -84,6 +96,8 @@ def preset_from_args(args) -> Preset:
                      eval_images=args.eval_images,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,
                      workers=args.workers, cache_data=args.cache_data, scale_schedule=args.scale_schedule)
+    if args.lr_mult:
+        overrides["lr_multipliers"] = dict(args.lr_mult)
     preset = get_preset(args.preset, **overrides)
     if clip is not None:
         preset.clip_grad = clip if clip > 0 else None

@@ -38,10 +38,8 @@ class FrozenBatchNorm2d(nn.Module):
 class _GroupNormChannelsLast(torch.autograd.Function):
     """GroupNorm on a channels_last CPU tensor: torch's forward, a faster backward.
 
-    torch's CPU ``native_group_norm_backward`` is 4-10x slower on channels_last input than
-    on the standard layout (21 ms against 2 ms for a [4, 32, 128, 128] float32 tensor on the
-    2-core VM), and it was ~10% of a training iteration of the small CPU preset. This
-    backward works on the [N, H*W, C] view of the same memory: per (image, channel) sums of
+    torch's CPU ``native_group_norm_backward`` is several times slower on channels_last input
+    than on the standard layout (timings in benchmarks/RESULTS.md). This backward works on the [N, H*W, C] view of the same memory: per (image, channel) sums of
     dy and dy * x (reductions over the outer dimension, vectorised along C), the per-group
     coefficients from them, then dx = a * dy + b * x + c (two addcmul passes).
     """
@@ -83,7 +81,7 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         return dx.view(n, h, w, c).permute(0, 3, 1, 2), grad_weight, grad_bias, None, None
 
 
-# Below this many pixels per channel torch's own backward is as fast (measured on the 2-core VM).
+# Below this many pixels per channel torch's own backward is as fast.
 _GN_CL_MIN_PIXELS = 1024
 
 
