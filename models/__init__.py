@@ -13,11 +13,33 @@ Layout:
 
 RoIAlign, level assignment, NMS and mask pasting are instseg_ops' ops.
 """
-from .backbones import (BackboneWithFPN, FeaturePyramid, FrozenBatchNorm2d, GroupNorm32, LastLevelMaxPool,
-                        LastLevelP6P7, ResNetBody, resnet_fpn_backbone)
-from .detection import (AnchorGenerator, BalancedSampler, BoxCoder, BoxPredictor, BoxStage, DetectionTransform,
-                        MaskHead, MaskPredictor, Matcher, RegionProposalNetwork, RoIGeometry, RoIHeads, RPNHead,
-                        TwoMLPHead, box_iou)
+from .backbones import (
+                        BackboneWithFPN,
+                        FeaturePyramid,
+                        FrozenBatchNorm2d,
+                        GroupNorm32,
+                        LastLevelMaxPool,
+                        LastLevelP6P7,
+                        ResNetBody,
+                        resnet_fpn_backbone,
+)
+from .detection import (
+                        AnchorGenerator,
+                        BalancedSampler,
+                        BoxCoder,
+                        BoxPredictor,
+                        BoxStage,
+                        DetectionTransform,
+                        MaskHead,
+                        MaskPredictor,
+                        Matcher,
+                        RegionProposalNetwork,
+                        RoIGeometry,
+                        RoIHeads,
+                        RPNHead,
+                        TwoMLPHead,
+                        box_iou,
+)
 from .mask_rcnn import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
 from .registry import get_model, list_models, register_model
 from .weights import load_pretrained, load_torchvision_weights, register_layout

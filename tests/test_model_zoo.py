@@ -11,8 +11,17 @@ import pytest
 import torch
 
 import instseg_ops
-from instseg_ops.models import (BoxStage, LastLevelMaxPool, LastLevelP6P7, RoIGeometry, get_model, list_models,
-                                load_pretrained, maskrcnn_resnet_fpn, register_model, resnet_fpn_backbone)
+from instseg_ops.models import (
+    BoxStage,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+    RoIGeometry,
+    get_model,
+    list_models,
+    load_pretrained,
+    register_model,
+    resnet_fpn_backbone,
+)
 from instseg_ops.models.detection import label_and_sample
 from instseg_ops.models.engine import HookBase, get_preset
 from instseg_ops.models.engine.solver import build_optimizer, parameter_groups
@@ -169,7 +178,7 @@ def test_label_and_sample_without_a_box_head(seed):
     proposals = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 9.0, 10.0]])]
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([4])}]
     s = label_and_sample(proposals, targets, Matcher(0.5, 0.5), BalancedSampler(16, 0.25), add_gt=True)
-    lab = {tuple(b.tolist()): int(l) for b, l in zip(s.boxes[0], s.labels[0])}
+    lab = {tuple(b.tolist()): int(c) for b, c in zip(s.boxes[0], s.labels[0])}
     assert lab[(0.0, 0.0, 10.0, 10.0)] == 4 and lab[(50.0, 50.0, 60.0, 60.0)] == 0 and lab[(0.0, 0.0, 9.0, 10.0)] == 4
     assert len(s.boxes[0]) == 4  # the ground truth was added as a proposal
 
@@ -262,7 +271,8 @@ def test_custom_hooks_see_every_step(tmp_path):
 
     preset = get_preset("tiny_cpu", iters=10, warmup_iters=1, milestones=(), log_period=1000)
     counter = Counter()
-    t = Trainer(preset, str(data), str(tmp_path / "run"), hooks=default_hooks(preset, 0) + [counter], log=lambda *a, **k: None)
+    t = Trainer(preset, str(data), str(tmp_path / "run"), hooks=default_hooks(preset, 0) + [counter],
+                log=lambda *a, **k: None)
     out = t.train()
     assert counter.calls == ["start", 1, 2, "end"] and out["iteration"] == 2
     assert (tmp_path / "run" / "model_final.pth").exists()

@@ -39,7 +39,8 @@ class _GroupNormChannelsLast(torch.autograd.Function):
     """GroupNorm on a channels_last CPU tensor: torch's forward, a faster backward.
 
     torch's CPU ``native_group_norm_backward`` is several times slower on channels_last input
-    than on the standard layout (timings in benchmarks/RESULTS.md). This backward works on the [N, H*W, C] view of the same memory: per (image, channel) sums of
+    than on the standard layout (timings in benchmarks/RESULTS.md). This backward works on the
+    [N, H*W, C] view of the same memory: per (image, channel) sums of
     dy and dy * x (reductions over the outer dimension, vectorised along C), the per-group
     coefficients from them, then dx = a * dy + b * x + c (two addcmul passes).
     """

@@ -6,10 +6,7 @@ Module and parameter names follow torchvision's, so state dicts load with ``stri
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-
 
 from .norms import norm_layer
 

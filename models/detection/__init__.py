@@ -5,8 +5,17 @@ from .anchors import AnchorGenerator
 from .boxes import BoxCoder, box_area, box_iou, clip_boxes
 from .matcher import BalancedSampler, Matcher
 from .poolers import RoIGeometry, mask_targets
-from .roi_heads import (BoxPredictor, BoxStage, MaskHead, MaskPredictor, RoIHeads, SampledProposals, TwoMLPHead,
-                        detect, label_and_sample)
+from .roi_heads import (
+                        BoxPredictor,
+                        BoxStage,
+                        MaskHead,
+                        MaskPredictor,
+                        RoIHeads,
+                        SampledProposals,
+                        TwoMLPHead,
+                        detect,
+                        label_and_sample,
+)
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform
 

@@ -49,7 +49,8 @@ class AnchorGenerator(nn.Module):
     def forward(self, image_tensor_size: Tuple[int, int], num_images: int, features: List[Tensor]) -> List[Tensor]:
         """Anchors (one Tensor[sum over levels of H*W*A, 4] per image) for a padded batch."""
         if len(features) != len(self.cell_anchors):
-            raise ValueError(f"AnchorGenerator: {len(features)} feature maps but anchors for {len(self.cell_anchors)} levels")
+            raise ValueError(f"AnchorGenerator: {len(features)} feature maps but anchors for "
+                             f"{len(self.cell_anchors)} levels")
         sizes = [tuple(f.shape[-2:]) for f in features]
         strides = [(image_tensor_size[0] // h, image_tensor_size[1] // w) for h, w in sizes]
         per_level = self.grid(sizes, strides, features[0].dtype, features[0].device)

@@ -94,7 +94,8 @@ class RegionProposalNetwork(nn.Module):
             out.append(boxes[keep])
         return out
 
-    def assign_targets(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]) -> Tuple[List[Tensor], List[Tensor]]:
+    def assign_targets(self, anchors: List[Tensor],
+                       targets: List[Dict[str, Tensor]]) -> Tuple[List[Tensor], List[Tensor]]:
         labels, matched = [], []
         for a, t in zip(anchors, targets):
             gt = t["boxes"]

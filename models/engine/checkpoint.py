@@ -7,8 +7,6 @@ from typing import Any, Dict, Optional
 import torch
 
 
-
-
 def param_checksum(model: torch.nn.Module) -> float:
     """Sum of all parameters and buffers in float64: equal on replicas that are in sync."""
     total = torch.zeros((), dtype=torch.float64)

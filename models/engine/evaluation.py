@@ -12,7 +12,8 @@ from .rng import preserved_rng
 def evaluate(model: torch.nn.Module, dataset, info: DistInfo, batch_size: int = 2,
              mask_thresh: float = 0.5, max_images: int = 0) -> Optional[Dict[str, Any]]:
     """COCO bbox and segm AP (instseg_ops.models.data.Evaluator, masks thresholded at
-    ``mask_thresh``) on ``dataset`` (its first ``max_images`` images if > 0): every rank predicts its shard of the images and turns its
+    ``mask_thresh``) on ``dataset`` (its first ``max_images`` images if > 0): every rank predicts
+    its shard of the images and turns its
     outputs into COCO results (RLE masks); rank 0 gathers them and scores. Returns
     ``{"bbox": {"AP", "AP50", ...}, "segm": {...}}`` on rank 0, None on the others. The
     caller's RNG streams and the model's train/eval mode are preserved."""

@@ -9,8 +9,6 @@ from torch.utils.data import Dataset
 from .rng import preserved_rng, seed_everything
 
 
-
-
 class ShardedBatches:
     """Endless deterministic batches for one rank. Epoch ``e`` is a permutation of the data set
     drawn from ``seed`` and ``e`` (wrapped around to fill the last global batch); global batch

@@ -7,8 +7,6 @@ from typing import Any, Dict, Optional
 from .checkpoint import atomic_write_text
 
 
-
-
 class MetricsLog:
     """Appends JSON lines to RUN_DIR/metrics.jsonl (rank 0 only)."""
 

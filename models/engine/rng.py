@@ -8,8 +8,6 @@ import numpy as np
 import torch
 
 
-
-
 def _numpy_state_to_plain(state):
     name, keys, pos, has_gauss, cached = state
     return [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]

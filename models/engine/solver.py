@@ -6,10 +6,11 @@ import torch
 
 
 class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
-    """The learning-rate schedule of the presets: linear warmup from ``warmup_factor * base_lr`` to ``base_lr`` over ``warmup_iters``
-    iterations, then multiplied by ``gamma`` at each milestone (``mode="step"``), or, with
-    ``mode="cosine"``, a half-cosine from ``base_lr`` after warmup down to ``min_factor * base_lr``
-    at ``total_iters`` (milestones ignored). Stepped once per iteration."""
+    """The learning-rate schedule of the presets: linear warmup from ``warmup_factor * base_lr``
+    to ``base_lr`` over ``warmup_iters`` iterations, then multiplied by ``gamma`` at each
+    milestone (``mode="step"``), or, with ``mode="cosine"``, a half-cosine from ``base_lr``
+    after warmup down to ``min_factor * base_lr`` at ``total_iters`` (milestones ignored).
+    Stepped once per iteration."""
 
     def __init__(self, optimizer, milestones, gamma: float = 0.1, warmup_iters: int = 0,
                  warmup_factor: float = 1e-3, last_epoch: int = -1, mode: str = "step", total_iters: int = 0,

@@ -18,8 +18,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_save, atomic_write_text, find_resume_checkpoint, load_checkpoint, param_checksum, \
-    prune_checkpoints
+from .checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    find_resume_checkpoint,
+    load_checkpoint,
+    param_checksum,
+    prune_checkpoints,
+)
 from .distributed import all_gather_objects, setup_distributed, unwrap
 from .evaluation import evaluate
 from .hooks import HookBase, default_hooks, summarize_eval
@@ -170,7 +176,8 @@ class Trainer:
             n = min(len(self.val_set), max_images) if max_images > 0 else len(self.val_set)
             self.metrics.write({"iter": self.iteration, "eval": result, "eval_images": n,
                                 "eval_time": time.perf_counter() - t0})
-            self.log(f"eval @ {self.iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in summarize_eval(result).items()))
+            headline = ", ".join(f"{k} {v:.4f}" for k, v in summarize_eval(result).items())
+            self.log(f"eval @ {self.iteration}: {headline}")
         return result
 
     # -- the loop
