@@ -3,6 +3,7 @@ the optimisation step itself (the wall-time budget, progressive resizing, loggin
 evaluation and checkpoints) is a hook with ``before_train``, ``before_step``, ``after_step``
 and ``after_train``, called in list order. ``Trainer.progress`` is the fraction of the run
 that has passed (of ``iters``, or of the time budget when ``TimeBudget`` is used)."""
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -113,12 +114,26 @@ class ProgressiveResize(HookBase):
 
 class MetricsWriter(HookBase):
     """One metrics.jsonl record per iteration; a progress line (losses by the model's names,
-    learning rate, median seconds per iteration, ETA) every ``period`` iterations."""
+    learning rate, median seconds per iteration, ETA) every ``period`` iterations, and on a
+    terminal a tqdm progress bar (``progress_bar``: None chooses by whether stderr is one)."""
 
-    def __init__(self, period: int, budget: Optional[TimeBudget] = None):
+    def __init__(self, period: int, budget: Optional[TimeBudget] = None, progress_bar: Optional[bool] = None):
         self.period = max(1, period)
         self.budget = budget
         self.window: List[float] = []
+        self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self.bar = None
+
+    def before_train(self, trainer) -> None:
+        if self.progress_bar and trainer.info.is_main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=trainer.preset.iters, initial=trainer.start_iter, unit="it", dynamic_ncols=True,
+                            desc=trainer.preset.name)
+
+    def after_train(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def after_step(self, trainer) -> None:
         step = trainer.last_step
@@ -132,6 +147,11 @@ class MetricsWriter(HookBase):
                 rec[k] = step[k]
         trainer.metrics.write(rec)
         it, iters = trainer.iteration, trainer.preset.iters
+        if self.bar is not None:
+            self.bar.update(1)
+            eta = self.budget.remaining(trainer) if self.budget else None
+            self.bar.set_postfix_str(f"loss {step['loss']:.3f}" + (f" budget left {format_eta(eta)}" if eta else ""),
+                                     refresh=False)
         if it == trainer.start_iter + 1 or it % self.period == 0 or it == iters:
             per_it = sorted(self.window)[len(self.window) // 2]
             eta = format_eta(self.budget.remaining(trainer) if self.budget else per_it * (iters - it))

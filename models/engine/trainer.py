@@ -107,7 +107,11 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.info.is_main:
-            self._log(msg, flush=True)
+            bar = next((h.bar for h in self.hooks if getattr(h, "bar", None) is not None), None)
+            if bar is not None and self._log is print:
+                bar.write(msg)  # above the progress bar
+            else:
+                self._log(msg, flush=True)
 
     def stop(self, reason: str) -> None:
         self.stop_reason = reason
