@@ -307,3 +307,21 @@ def test_wheel_holds_every_models_module_and_installs_into_a_fresh_venv(tmp_path
             "[m.get_model(n) for n in names]; print(names)")
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "maskrcnn_resnet50_fpn" in out.stdout
+
+
+def test_checkpoints_of_the_earlier_trainer_still_load(tmp_path, seed):
+    """Before presets named an architecture, checkpoints held maskrcnn_resnet_fpn's keyword
+    arguments (and the since removed fields extra and image_size)."""
+    from instseg_ops.models.engine import model_from_checkpoint
+    from instseg_ops.models.mask_rcnn import SHAPES_MODELS, maskrcnn_resnet_fpn
+    kwargs = dict(SHAPES_MODELS["maskrcnn_tiny_shapes"], num_classes=4)
+    src = maskrcnn_resnet_fpn(**kwargs)
+    preset = get_preset("tiny_cpu").to_dict()
+    del preset["arch"], preset["lr_multipliers"]
+    preset.update(model=kwargs, extra={}, image_size=64)
+    path = tmp_path / "old.pth"
+    torch.save({"model": src.state_dict(), "preset": preset, "categories": {1: "a", 2: "b", 3: "c"}}, path)
+    model, names, p = model_from_checkpoint(str(path))
+    assert p.arch == "maskrcnn_resnet_fpn" and names == {1: "a", 2: "b", 3: "c"} and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
