@@ -5,8 +5,8 @@
 
 The output PNG has the input's size: each detection's mask alpha-blended in its own colour,
 its box outlined and "label score" written above the box with a built-in 5x7 bitmap font.
-Drawing is plain numpy; images are read with instseg_ops.models.data.coco.read_image and written
-with instseg_ops.models.data.png.
+Drawing is plain numpy; images are read and written with instseg_ops.models.data.read_image /
+write_image (Pillow).
 """
 import argparse
 import sys
@@ -15,8 +15,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .data.coco import read_image
-from .data.png import write_png
+from .data.io import read_image, write_image
 from .engine.checkpoint import model_from_checkpoint
 
 # 5x7 glyphs: 7 rows per character, the low 5 bits of each row byte are the pixels (MSB left).
@@ -157,7 +156,7 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
     trained model's scores are low; each drawn label shows its score)."""
     if model is None:
         model, names = load_model(checkpoint, device)
-    rgb = read_image(image_path)  # RGB uint8 [H, W, 3]; PNG always, other formats through Pillow
+    rgb = read_image(image_path)  # RGB uint8 [H, W, 3], any format Pillow reads
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0).to(device)
     pred = model([tensor])[0]
     keep = pred["scores"] >= score_thresh
@@ -172,7 +171,7 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
         masks = masks[:, 0]
     masks = (masks > 0.5).cpu().numpy()
     drawn = draw_detections(rgb, boxes, labels, scores, masks, names)
-    write_png(out_path, drawn)
+    write_image(out_path, drawn)
     return {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks,
             "names": [(names or {}).get(int(lab), str(int(lab))) for lab in labels]}
 
@@ -180,8 +179,8 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m instseg_ops.models.demo", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint written by instseg_ops.models.train")
-    p.add_argument("--image", required=True, help="input image (PNG; other formats need Pillow)")
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--image", required=True, help="input image (PNG, JPEG, ...: any format Pillow reads)")
+    p.add_argument("--out", required=True, help="output image (PNG; the format follows the suffix)")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--min-shown", type=int, default=0,
                    help="draw at least this many detections (the best ones) even below --score-thresh")

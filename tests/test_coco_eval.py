@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from instseg_ops.models.data import CocoInstanceDataset, Evaluator, evaluate_coco, generate_split, write_png
+from instseg_ops.models.data import CocoInstanceDataset, Evaluator, evaluate_coco, generate_split, write_image
 from instseg_ops.models.data.coco_eval import METRIC_NAMES
 
 HEADLINE = ("AP", "AP50", "AP75")
@@ -111,7 +111,7 @@ def test_non_contiguous_category_ids_map_back(tmp_path):
     """Real COCO has category ids with gaps: labels 1..C map back through the dataset's mapping."""
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
-    write_png(str(img_dir / "a.png"), np.zeros((20, 30, 3), np.uint8))
+    write_image(str(img_dir / "a.png"), np.zeros((20, 30, 3), np.uint8))
     polys = {90: [2, 2, 12, 2, 12, 10, 2, 10], 3: [15, 5, 28, 5, 28, 18, 15, 18]}
     anns = [{"id": i + 1, "image_id": 1, "category_id": c, "iscrowd": 0, "area": 0.0,
              "bbox": [p[0], p[1], p[4] - p[0], p[5] - p[1]], "segmentation": [p]} for i, (c, p) in enumerate(polys.items())]

@@ -7,9 +7,8 @@ boxes float32 [K, 4] (x1, y1, x2, y2, pixel units), labels int64 [K] (contiguous
 [K, H, W], image_id int, iscrowd int64 [K], area float32 [K].
 
 Segmentations may be polygons, uncompressed RLE (crowd) or compressed RLE. Images are
-decoded with the bundled PNG decoder; other formats (JPEG) need Pillow.
+read with Pillow (``read_image``: PNG, JPEG, ...).
 """
-import io
 import json
 import os
 
@@ -18,46 +17,10 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from .png import PNG_SIGNATURE, decode_png
+from .io import read_image
 
 __all__ = ["CocoInstanceDataset", "Compose", "Resize", "RandomHorizontalFlip", "hflip", "collate_fn",
            "read_image", "load_coco_json", "decode_segmentation"]
-
-
-# ----------------------------------------------------------------------------- images
-
-def read_image(path):
-    """Read an image file as a uint8 array [H, W, 3] (RGB). PNG always; other formats need Pillow."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    if data[:8] == PNG_SIGNATURE:
-        try:
-            img = decode_png(data)
-        except ValueError as e:
-            raise ValueError(f"cannot decode PNG image {path}: {e}") from None
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise ValueError(
-                f"{path} is not a PNG file; reading JPEG or other formats needs Pillow (pip install Pillow)"
-            ) from None
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                img = np.asarray(im.convert("RGB"))
-        except Exception as e:  # Pillow raises several types for bad files
-            raise ValueError(f"cannot decode image {path}: {e}") from None
-    if img.ndim == 2:
-        img = img[:, :, None]
-    c = img.shape[2]
-    if c == 1 or c == 2:  # grey (+ alpha)
-        img = np.repeat(img[:, :, :1], 3, axis=2)
-    elif c == 4:
-        img = img[:, :, :3]
-    return np.ascontiguousarray(img)
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -132,7 +95,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     skip_degenerate: leave out annotations whose box (clipped to the image) has no area.
     remove_empty: leave out images with no annotations left (after the two options above).
     cache: keep each image and target in memory once decoded (the pixels as uint8, the
-    masks as uint8), so later epochs skip the PNG and RLE decoding; about
+    masks as uint8), so later epochs skip the image and RLE decoding; about
     H * W * (3 + instances) bytes per image, per process (each DataLoader worker has its own).
 
     Category ids are mapped to contiguous labels 1..C in increasing id order:

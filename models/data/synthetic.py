@@ -9,7 +9,8 @@ their implicit equation, everything else by even-odd point-in-polygon.
 
 Randomness: image ``index`` of split ``split`` is drawn from its own generator
 seeded by ``(seed, crc32(split), index)``, so an image does not depend on how many
-images were asked for, and the same arguments give byte-identical files.
+images were asked for, and the same arguments give byte-identical files (PNGs written
+with Pillow).
 """
 import json
 import math
@@ -19,7 +20,7 @@ import zlib
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .png import write_png
+from .io import write_image
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -269,7 +270,7 @@ def generate_split(root, split, num_images, size=256, size_range=None, seed=0, m
         h, w = image.shape[:2]
         image_id = index + 1
         file_name = f"{index:06d}.png"
-        write_png(os.path.join(img_dir, file_name), image, level=png_level)
+        write_image(os.path.join(img_dir, file_name), image, png_level=png_level)
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for inst in instances:
             m = inst["mask"]
