@@ -13,9 +13,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from instseg_ops.models.data import (CocoInstanceDataset, Compose, RandomHorizontalFlip, Resize, collate_fn,
-                                     generate_split, hflip, read_image, render_sample, write_image)
-from instseg_ops.models.data.coco import resized_shape
+from instseg_ops.models.data import (CocoInstanceDataset, Compose, RandomHorizontalFlip, generate_split, hflip,
+                                     read_image, render_sample, write_image)
+from instseg_ops.models.engine.loader import collate_lists
 from instseg_ops.models.data.shapes import main as shapes_main
 from instseg_ops.models.data.synthetic import rasterize_ellipse, rasterize_polygon
 
@@ -374,14 +374,13 @@ def test_dataset_on_coco_like_annotations(coco_like):
 
 def test_dataloader_collate(shapes_dir):
     ds = CocoInstanceDataset(os.path.join(shapes_dir, "val"), os.path.join(shapes_dir, "annotations", "instances_val.json"),
-                             transforms=Compose([Resize(32, 60), RandomHorizontalFlip(0.5)]))
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False, collate_fn=collate_fn)
+                             transforms=Compose([RandomHorizontalFlip(0.5)]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False, collate_fn=collate_lists)
     images, targets = next(iter(loader))
-    assert isinstance(images, list) and isinstance(targets, list) and len(images) == len(targets) == 3
+    assert len(images) == len(targets) == 3
     for image, target in zip(images, targets):
-        check_sample(image, target, 32, 43)
+        check_sample(image, target, 48, 64)
     assert [t["image_id"] for t in targets] == [1, 2, 3]
-    assert collate_fn([]) == ([], [])
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -425,43 +424,6 @@ def test_flip_consistent_and_involutive(seed):
     g = torch.Generator().manual_seed(seed)
     flips = [RandomHorizontalFlip(0.5, generator=g)(image, target)[0] is not image for _ in range(64)]
     assert 0 < sum(flips) < 64
-
-
-def test_resize_scales_boxes_and_masks(seed):
-    rng = np.random.default_rng(seed)
-    assert resized_shape(100, 200, 50) == (50, 100)
-    assert resized_shape(100, 400, 50, max_size=150) == (38, 150)
-    for _ in range(5):
-        h, w, k = int(rng.integers(10, 60)), int(rng.integers(10, 60)), int(rng.integers(1, 4))
-        image = torch.rand(3, h, w)
-        target = random_target(rng, h, w, k)
-        min_size = int(rng.integers(5, 120))
-        max_size = int(rng.integers(min_size, 200))
-        ri, rt = Resize(min_size, max_size)(image, target)
-        nh, nw = resized_shape(h, w, min_size, max_size)
-        assert ri.shape == (3, nh, nw) and rt["masks"].shape == (k, nh, nw) and rt["masks"].dtype == torch.uint8
-        assert max(nh, nw) <= max_size + 1
-        assert 0.0 <= ri.min() and ri.max() <= 1.0
-        sx, sy = nw / w, nh / h
-        torch.testing.assert_close(rt["boxes"], target["boxes"] * torch.tensor([sx, sy, sx, sy]))
-        torch.testing.assert_close(rt["area"], target["area"] * sx * sy)
-        assert torch.equal(rt["labels"], target["labels"])
-        for i in range(k):  # nearest-neighbour masks stay within a pixel of the scaled boxes
-            m = rt["masks"][i].numpy()
-            if m.any():
-                np.testing.assert_allclose(mask_box_xyxy(m), rt["boxes"][i].numpy(), atol=1.0)
-            assert set(np.unique(m).tolist()) <= {0, 1}
-    # an exact 2x upscale: every pixel becomes a 2x2 block, boxes double
-    image, target = torch.rand(3, 12, 18), random_target(rng, 12, 18, 3)
-    ri, rt = Resize(24, 1000)(image, target)
-    assert torch.equal(rt["masks"], target["masks"].repeat_interleave(2, 1).repeat_interleave(2, 2))
-    assert torch.equal(rt["boxes"], target["boxes"] * 2)
-    for i in range(3):
-        assert rt["boxes"][i].tolist() == [float(v) for v in mask_box_xyxy(rt["masks"][i].numpy())]
-    # identity size: untouched
-    image, target = torch.rand(3, 20, 30), random_target(rng, 20, 30, 1)
-    ri, rt = Resize(20, 100)(image, target)
-    assert ri is image and rt is target
 
 
 # ----------------------------------------------------------------------------- errors

@@ -14,13 +14,12 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from .io import read_image
 
-__all__ = ["CocoInstanceDataset", "Compose", "Resize", "RandomHorizontalFlip", "hflip", "collate_fn",
-           "read_image", "load_coco_json", "decode_segmentation"]
+__all__ = ["CocoInstanceDataset", "Compose", "RandomHorizontalFlip", "hflip", "read_image", "load_coco_json",
+           "decode_segmentation"]
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -233,52 +232,6 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
-def resized_shape(height, width, min_size, max_size=None):
-    """Shape with the shorter side scaled to min_size, unless the longer would exceed max_size."""
-    scale = min_size / min(height, width)
-    if max_size is not None and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(int(round(height * scale)), 1), max(int(round(width * scale)), 1)
-
-
-class Resize:
-    """Scale the shorter side to ``min_size`` (the longer side at most ``max_size``).
-
-    The image is resampled bilinearly (antialiased when shrinking), masks by nearest
-    neighbour at pixel centres; boxes and areas scale with the per-axis factors.
-    """
-
-    def __init__(self, min_size, max_size=None):
-        self.min_size = min_size
-        self.max_size = max_size
-
-    def __call__(self, image, target):
-        h, w = image.shape[-2:]
-        nh, nw = resized_shape(h, w, self.min_size, self.max_size)
-        if (nh, nw) == (h, w):
-            return image, target
-        shrink = nh < h or nw < w
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                              antialias=shrink)[0].clamp_(0.0, 1.0)
-        if target is not None:
-            target = dict(target)
-            sx, sy = nw / w, nh / h
-            if "boxes" in target:
-                target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
-            if "masks" in target:
-                m = target["masks"]
-                if m.shape[0] == 0:
-                    target["masks"] = m.new_zeros((0, nh, nw))
-                else:
-                    target["masks"] = F.interpolate(m[None].float(), size=(nh, nw), mode="nearest-exact")[0].to(m.dtype)
-            if "area" in target:
-                target["area"] = target["area"] * (sx * sy)
-        return image, target
-
-    def __repr__(self):
-        return f"Resize(min_size={self.min_size}, max_size={self.max_size})"
-
-
 def hflip(image, target):
     """Mirror the image, masks and boxes left-right."""
     w = image.shape[-1]
@@ -308,8 +261,3 @@ class RandomHorizontalFlip:
     def __repr__(self):
         return f"RandomHorizontalFlip(p={self.p})"
 
-
-def collate_fn(batch):
-    """For DataLoader: a batch of (image, target) -> (list of images, list of targets)."""
-    images, targets = zip(*batch) if batch else ((), ())
-    return list(images), list(targets)
