@@ -1,6 +1,8 @@
 """instseg_ops.models.data.coco_eval: COCO evaluation of torchvision-format outputs."""
+import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ import torch
 
 from instseg_ops.models.data import CocoInstanceDataset, Evaluator, evaluate_coco, generate_split, write_image
 from instseg_ops.models.data.coco_eval import METRIC_NAMES
+from instseg_ops.models.engine.distributed import DistInfo
+from instseg_ops.models.engine.evaluation import evaluate
 
 HEADLINE = ("AP", "AP50", "AP75")
 
@@ -71,6 +75,47 @@ def test_streaming_evaluator_matches_one_shot(dataset):
     assert ev.summarize() == streamed  # summarize can be called again
     ev.reset()
     assert ev.results == {"bbox": [], "segm": []} and not ev.img_ids
+
+
+class Replay(torch.nn.Module):
+    """A "model" that returns given outputs in order, one per image it is called on."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, images):
+        out = [{k: v.clone() for k, v in o.items()} for o in self.outputs[self.calls:self.calls + len(images)]]
+        self.calls += len(images)
+        return out
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_engine_evaluate_progress_bar_leaves_results_alone(dataset, monkeypatch):
+    preds = gt_outputs(dataset)
+    for k, o in enumerate(preds[i] for i in dataset.ids):
+        if k % 2 == 0 and len(o["labels"]):
+            o["boxes"][0] += 4.0
+            o["scores"][0] = 0.3
+    expected = evaluate_coco(preds, dataset)
+    outputs = [preds[i] for i in dataset.ids]
+    for progress in (True, False):
+        terminal = FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        model = Replay(outputs)
+        assert evaluate(model, dataset, DistInfo(), batch_size=2, progress=progress) == expected
+        assert model.calls == len(dataset) and model.training  # the train/eval mode is restored
+        bar = terminal.getvalue()
+        # a bar over the dataset's images (its first draw; later ones are rate-limited), cleared at the end
+        assert ("evaluate:   0%|" in bar and f"0/{len(dataset)} [" in bar) if progress else bar == ""
+    # not a terminal: no bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert evaluate(Replay(outputs), dataset, DistInfo(), batch_size=3) == expected
+    assert sys.stderr.getvalue() == ""
 
 
 def test_shifted_boxes_give_lower_ap(dataset):

@@ -131,6 +131,11 @@ def test_command_line(tmp_path):
     assert "RuntimeWarning" not in r.stderr
     assert sorted(os.listdir(os.path.join(out, "train"))) == ["000000.png", "000001.png"]
     assert sorted(os.listdir(os.path.join(out, "annotations"))) == ["instances_train.json", "instances_val.json"]
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == ["train", "val"]
+    assert "img/s" not in r.stderr  # no progress bar when stderr is not a terminal
+    r = subprocess.run([sys.executable, "-m", "instseg_ops.models.data.shapes", "--out", out, "--train", "1",
+                        "--val", "0", "--size", "32", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
 
 
 def test_rasterisers_against_references(seed):
@@ -203,7 +208,8 @@ def test_read_image_other_modes_and_formats(seed, tmp_path):
     # 16-bit grey: the high byte (not Pillow's clipping to 255)
     g16 = rng.integers(0, 65536, size=(h, w), dtype=np.uint16)
     Image.fromarray(g16).save(str(tmp_path / "g16.png"))
-    np.testing.assert_array_equal(read_image(str(tmp_path / "g16.png")), np.repeat((g16 >> 8).astype(np.uint8)[:, :, None], 3, 2))
+    high = (g16 >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "g16.png")), np.repeat(high[:, :, None], 3, axis=2))
     # JPEG: what Pillow decodes, as RGB; write_image picks the format from the suffix
     ys, xs = np.mgrid[0:32, 0:48]  # smooth, so that the lossy format stays close
     rgb = np.stack([xs * 4, ys * 6, (xs + ys) * 2], -1).astype(np.uint8) + rng.integers(0, 50, size=3, dtype=np.uint8)
