@@ -29,7 +29,12 @@ PALETTE = np.array([
 
 @lru_cache(maxsize=8)
 def _font(size: int):
-    return ImageFont.load_default(size)
+    """Pillow's default font at ``size`` pixels; its fixed-size bitmap font when Pillow was
+    built without FreeType."""
+    try:
+        return ImageFont.load_default(size)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
 
 
 def _clipped_box(box: Sequence[float], height: int, width: int):
