@@ -4,52 +4,21 @@
         --out OUT.png [--score-thresh 0.5] [--min-shown K] [--device cpu|cuda]
 
 The output PNG has the input's size: each detection's mask alpha-blended in its own colour,
-its box outlined and "label score" written above the box with a built-in 5x7 bitmap font.
-Drawing is plain numpy; images are read with instseg_ops.models.data.coco.read_image and written
-with instseg_ops.models.data.png.
+its box outlined and "label score" written above the box (Pillow's default font). Masks are
+blended with numpy, boxes and labels drawn with Pillow's ImageDraw; images are read and written
+with instseg_ops.models.data.read_image / write_image.
 """
 import argparse
 import sys
+from functools import lru_cache
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from .data.coco import read_image
-from .data.png import write_png
+from .data.io import read_image, write_image
 from .engine.checkpoint import model_from_checkpoint
-
-# 5x7 glyphs: 7 rows per character, the low 5 bits of each row byte are the pixels (MSB left).
-_GLYPHS_HEX = {
-    "0": "0E 11 13 15 19 11 0E", "1": "04 0C 04 04 04 04 0E", "2": "0E 11 01 02 04 08 1F",
-    "3": "1F 02 04 02 01 11 0E", "4": "02 06 0A 12 1F 02 02", "5": "1F 10 1E 01 01 11 0E",
-    "6": "06 08 10 1E 11 11 0E", "7": "1F 01 02 04 08 08 08", "8": "0E 11 11 0E 11 11 0E",
-    "9": "0E 11 11 0F 01 02 0C",
-    "A": "0E 11 11 1F 11 11 11", "B": "1E 11 11 1E 11 11 1E", "C": "0E 11 10 10 10 11 0E",
-    "D": "1C 12 11 11 11 12 1C", "E": "1F 10 10 1E 10 10 1F", "F": "1F 10 10 1E 10 10 10",
-    "G": "0E 11 10 17 11 11 0F", "H": "11 11 11 1F 11 11 11", "I": "0E 04 04 04 04 04 0E",
-    "J": "07 02 02 02 02 12 0C", "K": "11 12 14 18 14 12 11", "L": "10 10 10 10 10 10 1F",
-    "M": "11 1B 15 15 11 11 11", "N": "11 11 19 15 13 11 11", "O": "0E 11 11 11 11 11 0E",
-    "P": "1E 11 11 1E 10 10 10", "Q": "0E 11 11 11 15 12 0D", "R": "1E 11 11 1E 14 12 11",
-    "S": "0F 10 10 0E 01 01 1E", "T": "1F 04 04 04 04 04 04", "U": "11 11 11 11 11 11 0E",
-    "V": "11 11 11 11 11 0A 04", "W": "11 11 11 15 15 15 0A", "X": "11 11 0A 04 0A 11 11",
-    "Y": "11 11 11 0A 04 04 04", "Z": "1F 01 02 04 08 10 1F",
-    ".": "00 00 00 00 00 0C 0C", "-": "00 00 00 1F 00 00 00", "_": "00 00 00 00 00 00 1F",
-    ":": "00 0C 0C 00 0C 0C 00", " ": "00 00 00 00 00 00 00", "?": "0E 11 01 02 04 00 04",
-    "%": "18 19 02 04 08 13 03", "/": "00 01 02 04 08 10 00",
-}
-
-
-def _glyph_bitmaps() -> Dict[str, np.ndarray]:
-    out = {}
-    for ch, rows in _GLYPHS_HEX.items():
-        bits = [int(r, 16) for r in rows.split()]
-        out[ch] = np.array([[(b >> (4 - i)) & 1 for i in range(5)] for b in bits], dtype=bool)
-    return out
-
-
-GLYPHS = _glyph_bitmaps()
-GLYPH_W, GLYPH_H, GLYPH_ADVANCE = 5, 7, 6
 
 # Distinct colours for up to 12 detections, then repeated.
 PALETTE = np.array([
@@ -58,52 +27,25 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 
 
-def text_mask(text: str, scale: int = 1) -> np.ndarray:
-    """Boolean bitmap [7*scale, (6*len-1)*scale] of ``text`` (upper-cased; unknown
-    characters drawn as '?')."""
-    text = text.upper()
-    if not text:
-        return np.zeros((GLYPH_H * scale, 0), dtype=bool)
-    bm = np.zeros((GLYPH_H, GLYPH_ADVANCE * len(text) - 1), dtype=bool)
-    for i, ch in enumerate(text):
-        bm[:, i * GLYPH_ADVANCE:i * GLYPH_ADVANCE + GLYPH_W] = GLYPHS.get(ch, GLYPHS["?"])
-    if scale > 1:
-        bm = bm.repeat(scale, axis=0).repeat(scale, axis=1)
-    return bm
+@lru_cache(maxsize=8)
+def _font(size: int):
+    """Pillow's default font at ``size`` pixels; its fixed-size bitmap font when Pillow was
+    built without FreeType."""
+    try:
+        return ImageFont.load_default(size)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
 
 
-def draw_text(image: np.ndarray, x: int, y: int, text: str, color, background=None, scale: int = 1) -> None:
-    """Writes ``text`` with its top-left corner at (x, y), clipped to the image, optionally on a
-    filled background box (1 pixel of padding * scale)."""
-    bm = text_mask(text, scale)
-    pad = scale
-    h, w = bm.shape[0] + 2 * pad, bm.shape[1] + 2 * pad
-    H, W = image.shape[:2]
-    x0, y0 = int(x), int(y)
-    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
-    if xa >= xb or ya >= yb:
-        return
-    if background is not None:
-        image[ya:yb, xa:xb] = background
-    full = np.zeros((h, w), dtype=bool)
-    full[pad:pad + bm.shape[0], pad:pad + bm.shape[1]] = bm
-    sub = full[ya - y0:yb - y0, xa - x0:xb - x0]
-    image[ya:yb, xa:xb][sub] = color
-
-
-def draw_rectangle(image: np.ndarray, box: Sequence[float], color, thickness: int = 1) -> None:
-    """Outline of the box (x1, y1, x2, y2) in pixels, clipped to the image."""
-    H, W = image.shape[:2]
+def _clipped_box(box: Sequence[float], height: int, width: int):
+    """(x1, y1, x2, y2) rounded to whole pixels, ordered and clipped to the image (inclusive
+    ends), or None when nothing of it is inside."""
     x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-    x1, x2 = max(min(x1, x2), 0), min(max(x1, x2), W - 1)
-    y1, y2 = max(min(y1, y2), 0), min(max(y1, y2), H - 1)
+    x1, x2 = max(min(x1, x2), 0), min(max(x1, x2), width - 1)
+    y1, y2 = max(min(y1, y2), 0), min(max(y1, y2), height - 1)
     if x1 > x2 or y1 > y2:
-        return
-    t = max(1, thickness)
-    image[y1:min(y1 + t, y2 + 1), x1:x2 + 1] = color
-    image[max(y2 - t + 1, y1):y2 + 1, x1:x2 + 1] = color
-    image[y1:y2 + 1, x1:min(x1 + t, x2 + 1)] = color
-    image[y1:y2 + 1, max(x2 - t + 1, x1):x2 + 1] = color
+        return None
+    return x1, y1, x2, y2
 
 
 def _text_color(bg) -> np.ndarray:
@@ -121,8 +63,9 @@ def draw_detections(image: np.ndarray, boxes, labels, scores, masks=None, names:
     labels = np.asarray(labels).reshape(-1)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     names = names or {}
-    scale = max(1, min(H, W) // 320)
     thickness = max(1, min(H, W) // 256)
+    font = _font(max(10, int(round(min(H, W) / 40))))
+    pad = 1 + thickness // 2
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
     if masks is not None and len(boxes):
         m = np.asarray(masks).reshape(len(boxes), H, W).astype(bool)
@@ -130,17 +73,23 @@ def draw_detections(image: np.ndarray, boxes, labels, scores, masks=None, names:
         for i in range(len(boxes)):
             blended[m[i]] = (1 - alpha) * blended[m[i]] + alpha * colors[i].astype(np.float32)
         out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
     for i in range(len(boxes)):
-        draw_rectangle(out, boxes[i], colors[i], thickness)
+        box = _clipped_box(boxes[i], H, W)
+        if box is not None:
+            draw.rectangle(box, outline=tuple(int(c) for c in colors[i]), width=thickness)
     for i in range(len(boxes)):  # labels last, so that no box is drawn over a label
         label = int(labels[i])
         text = f"{names.get(label, str(label))} {scores[i]:.2f}"
-        th = GLYPH_H * scale + 2 * scale
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 2 * pad, bottom - top + 2 * pad
         x1, y1 = boxes[i][0], boxes[i][1]
-        y = y1 - th if y1 - th >= 0 else y1 + thickness  # above the box, or inside at the top
-        x = min(max(0, int(x1)), max(0, W - (GLYPH_ADVANCE * len(text) + 1) * scale))
-        draw_text(out, x, int(y), text, _text_color(colors[i]), background=colors[i], scale=scale)
-    return out
+        y = int(y1 - th if y1 - th >= 0 else y1 + thickness)  # above the box, or inside at the top
+        x = min(max(0, int(x1)), max(0, W - tw))
+        draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=tuple(int(c) for c in colors[i]))
+        draw.text((x + pad - left, y + pad - top), text, font=font, fill=tuple(int(c) for c in _text_color(colors[i])))
+    return np.asarray(canvas).copy()
 
 
 def load_model(checkpoint: str, device: str = "cpu"):
@@ -157,7 +106,7 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
     trained model's scores are low; each drawn label shows its score)."""
     if model is None:
         model, names = load_model(checkpoint, device)
-    rgb = read_image(image_path)  # RGB uint8 [H, W, 3]; PNG always, other formats through Pillow
+    rgb = read_image(image_path)  # RGB uint8 [H, W, 3], any format Pillow reads
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0).to(device)
     pred = model([tensor])[0]
     keep = pred["scores"] >= score_thresh
@@ -172,7 +121,7 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
         masks = masks[:, 0]
     masks = (masks > 0.5).cpu().numpy()
     drawn = draw_detections(rgb, boxes, labels, scores, masks, names)
-    write_png(out_path, drawn)
+    write_image(out_path, drawn)
     return {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks,
             "names": [(names or {}).get(int(lab), str(int(lab))) for lab in labels]}
 
@@ -180,8 +129,8 @@ def run_demo(checkpoint: str, image_path: str, out_path: str, score_thresh: floa
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m instseg_ops.models.demo", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint written by instseg_ops.models.train")
-    p.add_argument("--image", required=True, help="input image (PNG; other formats need Pillow)")
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--image", required=True, help="input image (PNG, JPEG, ...: any format Pillow reads)")
+    p.add_argument("--out", required=True, help="output image (PNG; the format follows the suffix)")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--min-shown", type=int, default=0,
                    help="draw at least this many detections (the best ones) even below --score-thresh")

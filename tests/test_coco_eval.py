@@ -1,13 +1,17 @@
 """instseg_ops.models.data.coco_eval: COCO evaluation of torchvision-format outputs."""
+import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from instseg_ops.models.data import CocoInstanceDataset, Evaluator, evaluate_coco, generate_split, write_png
+from instseg_ops.models.data import CocoInstanceDataset, Evaluator, evaluate_coco, generate_split, write_image
 from instseg_ops.models.data.coco_eval import METRIC_NAMES
+from instseg_ops.models.engine.distributed import DistInfo
+from instseg_ops.models.engine.evaluation import evaluate
 
 HEADLINE = ("AP", "AP50", "AP75")
 
@@ -73,6 +77,47 @@ def test_streaming_evaluator_matches_one_shot(dataset):
     assert ev.results == {"bbox": [], "segm": []} and not ev.img_ids
 
 
+class Replay(torch.nn.Module):
+    """A "model" that returns given outputs in order, one per image it is called on."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, images):
+        out = [{k: v.clone() for k, v in o.items()} for o in self.outputs[self.calls:self.calls + len(images)]]
+        self.calls += len(images)
+        return out
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_engine_evaluate_progress_bar_leaves_results_alone(dataset, monkeypatch):
+    preds = gt_outputs(dataset)
+    for k, o in enumerate(preds[i] for i in dataset.ids):
+        if k % 2 == 0 and len(o["labels"]):
+            o["boxes"][0] += 4.0
+            o["scores"][0] = 0.3
+    expected = evaluate_coco(preds, dataset)
+    outputs = [preds[i] for i in dataset.ids]
+    for progress in (True, False):
+        terminal = FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        model = Replay(outputs)
+        assert evaluate(model, dataset, DistInfo(), batch_size=2, progress=progress) == expected
+        assert model.calls == len(dataset) and model.training  # the train/eval mode is restored
+        bar = terminal.getvalue()
+        # a bar over the dataset's images (its first draw; later ones are rate-limited), cleared at the end
+        assert ("evaluate:   0%|" in bar and f"0/{len(dataset)} [" in bar) if progress else bar == ""
+    # not a terminal: no bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert evaluate(Replay(outputs), dataset, DistInfo(), batch_size=3) == expected
+    assert sys.stderr.getvalue() == ""
+
+
 def test_shifted_boxes_give_lower_ap(dataset):
     preds = gt_outputs(dataset)
     for o in preds.values():
@@ -111,7 +156,7 @@ def test_non_contiguous_category_ids_map_back(tmp_path):
     """Real COCO has category ids with gaps: labels 1..C map back through the dataset's mapping."""
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
-    write_png(str(img_dir / "a.png"), np.zeros((20, 30, 3), np.uint8))
+    write_image(str(img_dir / "a.png"), np.zeros((20, 30, 3), np.uint8))
     polys = {90: [2, 2, 12, 2, 12, 10, 2, 10], 3: [15, 5, 28, 5, 28, 18, 15, 18]}
     anns = [{"id": i + 1, "image_id": 1, "category_id": c, "iscrowd": 0, "area": 0.0,
              "bbox": [p[0], p[1], p[4] - p[0], p[5] - p[1]], "segmentation": [p]} for i, (c, p) in enumerate(polys.items())]

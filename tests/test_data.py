@@ -1,26 +1,21 @@
-"""instseg_ops.models.data: synthetic shapes generator, PNG codec, COCO dataset and transforms."""
+"""instseg_ops.models.data: synthetic shapes generator, image files, COCO dataset and transforms."""
 import contextlib
-import importlib.util
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from instseg_ops.models.data import (CocoInstanceDataset, Compose, RandomHorizontalFlip, Resize, collate_fn,
-                                     decode_png, encode_png, generate_split, hflip, read_png, render_sample,
-                                     write_png)
-from instseg_ops.models.data.coco import resized_shape
+from instseg_ops.models.data import (CocoInstanceDataset, Compose, RandomHorizontalFlip, generate_split, hflip,
+                                     read_image, render_sample, write_image)
+from instseg_ops.models.engine.loader import collate_lists
 from instseg_ops.models.data.shapes import main as shapes_main
 from instseg_ops.models.data.synthetic import rasterize_ellipse, rasterize_polygon
 
@@ -63,8 +58,9 @@ def test_generated_split_loads_in_pycocotools_and_masks_round_trip(seed, tmp_pat
             assert (h, w) == size
         else:
             assert (h, w) == (size, size)
-        png = read_png(os.path.join(str(tmp_path), "val", info["file_name"]))
-        np.testing.assert_array_equal(png, image)
+        with Image.open(os.path.join(str(tmp_path), "val", info["file_name"])) as im:
+            assert im.format == "PNG" and im.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(im), image)
         anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[index + 1])), key=lambda a: a["id"])
         assert len(anns) == len(instances) >= 0
         union = np.zeros((h, w), dtype=np.int32)
@@ -135,6 +131,11 @@ def test_command_line(tmp_path):
     assert "RuntimeWarning" not in r.stderr
     assert sorted(os.listdir(os.path.join(out, "train"))) == ["000000.png", "000001.png"]
     assert sorted(os.listdir(os.path.join(out, "annotations"))) == ["instances_train.json", "instances_val.json"]
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == ["train", "val"]
+    assert "img/s" not in r.stderr  # no progress bar when stderr is not a terminal
+    r = subprocess.run([sys.executable, "-m", "instseg_ops.models.data.shapes", "--out", out, "--train", "1",
+                        "--val", "0", "--size", "32", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
 
 
 def test_rasterisers_against_references(seed):
@@ -166,97 +167,80 @@ def test_rasterisers_against_references(seed):
     assert not rasterize_polygon([[-10, -10], [-2, -10], [-2, -3]], h, w).any()
 
 
-# ----------------------------------------------------------------------------- PNG
+# ----------------------------------------------------------------------------- image files
 
-def png_with_filters(img, filters):
-    """Reference encoder: RGB/grey 8-bit PNG with the given filter type per row (plain Python)."""
-    h, w, c = img.shape
-    rows = img.reshape(h, w * c).astype(np.int64)
-    raw = bytearray()
-    prev = np.zeros(w * c, np.int64)
-    for y in range(h):
-        f = filters[y % len(filters)]
-        cur = rows[y]
-        left = np.concatenate([np.zeros(c, np.int64), cur[:-c]])
-        upleft = np.concatenate([np.zeros(c, np.int64), prev[:-c]])
-        if f == 0:
-            pred = np.zeros_like(cur)
-        elif f == 1:
-            pred = left
-        elif f == 2:
-            pred = prev
-        elif f == 3:
-            pred = (left + prev) // 2
-        else:
-            p = left + prev - upleft
-            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-        raw.append(f)
-        raw += ((cur - pred) % 256).astype(np.uint8).tobytes()
-        prev = cur
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ct = {1: 0, 3: 2, 4: 6}[c]
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, ct, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
-
-
-def test_png_round_trip_random_images(seed, tmp_path):
+def test_write_image_round_trips_through_pillow(seed, tmp_path):
     rng = np.random.default_rng(seed)
-    for c in (1, 3, 4):
-        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
-        img = rng.integers(0, 256, size=(h, w, c), dtype=np.uint8)
-        data = encode_png(img)
-        assert data == encode_png(img)
-        out = decode_png(data)
-        assert out.dtype == np.uint8 and out.shape == (h, w, c)
-        np.testing.assert_array_equal(out, img)
-    img = rng.integers(0, 256, size=(9, 13), dtype=np.uint8)  # 2-D grey
-    np.testing.assert_array_equal(decode_png(encode_png(img))[..., 0], img)
     p = str(tmp_path / "x.png")
-    img = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
-    write_png(p, img)
-    np.testing.assert_array_equal(read_png(p), img)
+    for shape, mode in (((0, 0), "L"), ((0, 0, 1), "L"), ((0, 0, 3), "RGB"), ((0, 0, 4), "RGBA")):
+        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        img = rng.integers(0, 256, size=(h, w) + shape[2:], dtype=np.uint8)
+        write_image(p, img)
+        with open(p, "rb") as f:
+            data = f.read()
+        write_image(p, img)
+        with open(p, "rb") as f:
+            assert f.read() == data  # deterministic bytes
+        with Image.open(p) as im:  # Pillow's own decoder is the reference
+            assert im.format == "PNG" and im.mode == mode and im.size == (w, h)
+            np.testing.assert_array_equal(np.asarray(im), img.reshape(np.asarray(im).shape))
+        out = read_image(p)
+        assert out.dtype == np.uint8 and out.shape == (h, w, 3) and out.flags.c_contiguous
+        rgb = np.repeat(img.reshape(h, w, -1), 3, axis=2) if img.ndim == 2 or img.shape[2] == 1 else img[:, :, :3]
+        np.testing.assert_array_equal(out, rgb)
 
 
-@settings(max_examples=25, deadline=None)
-@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.sampled_from([1, 3, 4]),
-       filters=st.lists(st.integers(0, 4), min_size=1, max_size=5), data=st.data())
-def test_png_decoder_all_row_filters(h, w, c, filters, data):
-    flat = data.draw(st.lists(st.integers(0, 255), min_size=h * w * c, max_size=h * w * c))
-    img = np.array(flat, dtype=np.uint8).reshape(h, w, c)
-    np.testing.assert_array_equal(decode_png(png_with_filters(img, filters)), img)
-
-
-def test_png_matches_pillow_when_available(seed):
-    Image = pytest.importorskip("PIL.Image")
+def test_read_image_other_modes_and_formats(seed, tmp_path):
     rng = np.random.default_rng(seed)
-    # smooth content so that Pillow's encoder uses its adaptive filters
-    ys, xs = np.mgrid[0:40, 0:50]
-    img = np.stack([(xs * 5) % 256, (ys * 3 + xs) % 256, rng.integers(0, 4, size=(40, 50)) + 100], -1).astype(np.uint8)
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(img)))), img)
-    for mode in ("RGB", "L", "RGBA", "P"):
-        buf = io.BytesIO()
-        im = Image.fromarray(img).convert(mode)
-        im.save(buf, "PNG", optimize=True)
-        ref = np.asarray(im.convert("RGB")) if mode == "P" else np.asarray(im)
-        out = decode_png(buf.getvalue())
-        np.testing.assert_array_equal(out.reshape(ref.shape), ref)
+    h, w = int(rng.integers(2, 40)), int(rng.integers(2, 40))
+    rgb = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    # palette with a transparent entry: looked up, alpha dropped
+    palette = rng.integers(0, 256, size=(16, 3), dtype=np.uint8)
+    idx = rng.integers(0, 16, size=(h, w), dtype=np.uint8)
+    im = Image.fromarray(idx, "P")
+    im.putpalette(palette.tobytes())
+    im.save(str(tmp_path / "p.png"), transparency=3)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "p.png")), palette[idx])
+    # grey + alpha: grey repeated
+    la = rng.integers(0, 256, size=(h, w, 2), dtype=np.uint8)
+    Image.fromarray(la, "LA").save(str(tmp_path / "la.png"))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "la.png")), np.repeat(la[:, :, :1], 3, axis=2))
+    # 16-bit grey: the high byte (not Pillow's clipping to 255)
+    g16 = rng.integers(0, 65536, size=(h, w), dtype=np.uint16)
+    Image.fromarray(g16).save(str(tmp_path / "g16.png"))
+    high = (g16 >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "g16.png")), np.repeat(high[:, :, None], 3, axis=2))
+    # JPEG: what Pillow decodes, as RGB; write_image picks the format from the suffix
+    ys, xs = np.mgrid[0:32, 0:48]  # smooth, so that the lossy format stays close
+    rgb = np.stack([xs * 4, ys * 6, (xs + ys) * 2], -1).astype(np.uint8) + rng.integers(0, 50, size=3, dtype=np.uint8)
+    write_image(str(tmp_path / "a.jpg"), rgb)
+    with Image.open(str(tmp_path / "a.jpg")) as im:
+        assert im.format == "JPEG"
+        ref = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "a.jpg")), ref)
+    assert np.abs(ref.astype(int) - rgb).mean() < 4  # lossy, but the same picture
 
 
-def test_png_errors():
-    with pytest.raises(ValueError, match="not a PNG"):
-        decode_png(b"\xff\xd8\xff\xe0 a jpeg")
-    data = bytearray(encode_png(np.zeros((4, 4, 3), np.uint8)))
-    data[20] ^= 0xFF  # inside IHDR
-    with pytest.raises(ValueError, match="CRC"):
-        decode_png(bytes(data))
-    with pytest.raises(ValueError, match="truncated"):
-        decode_png(encode_png(np.zeros((4, 4, 3), np.uint8))[:30])
+def test_image_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image file not found: .*nope.png"):
+        read_image(str(tmp_path / "nope.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match="cannot decode image .*bad.png"):
+        read_image(str(bad))
+    p = str(tmp_path / "ok.png")
+    write_image(p, np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8))
+    with open(p, "rb") as f:
+        data = f.read()
+    bad.write_bytes(data[:len(data) // 2])  # cut inside the image data
+    with pytest.raises(ValueError, match="cannot decode image .*bad.png"):
+        read_image(str(bad))
     with pytest.raises(ValueError, match="uint8"):
-        encode_png(np.zeros((4, 4, 3), np.float32))
+        write_image(p, np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="expected shape"):
+        write_image(p, np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ValueError, match="empty image"):
+        write_image(p, np.zeros((0, 4, 3), np.uint8))
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -334,7 +318,7 @@ def coco_like(tmp_path):
     img_dir.mkdir()
     rng = np.random.default_rng(0)
     for name, (h, w) in (("a.png", (30, 40)), ("b.png", (20, 25))):
-        write_png(str(img_dir / name), rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        write_image(str(img_dir / name), rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
     crowd = np.zeros((30, 40), np.uint8)
     crowd[2:10, 30:38] = 1
     crowd_rle = mask_utils.encode(np.asfortranarray(crowd))
@@ -396,14 +380,13 @@ def test_dataset_on_coco_like_annotations(coco_like):
 
 def test_dataloader_collate(shapes_dir):
     ds = CocoInstanceDataset(os.path.join(shapes_dir, "val"), os.path.join(shapes_dir, "annotations", "instances_val.json"),
-                             transforms=Compose([Resize(32, 60), RandomHorizontalFlip(0.5)]))
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False, collate_fn=collate_fn)
+                             transforms=Compose([RandomHorizontalFlip(0.5)]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False, collate_fn=collate_lists)
     images, targets = next(iter(loader))
-    assert isinstance(images, list) and isinstance(targets, list) and len(images) == len(targets) == 3
+    assert len(images) == len(targets) == 3
     for image, target in zip(images, targets):
-        check_sample(image, target, 32, 43)
+        check_sample(image, target, 48, 64)
     assert [t["image_id"] for t in targets] == [1, 2, 3]
-    assert collate_fn([]) == ([], [])
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -449,46 +432,9 @@ def test_flip_consistent_and_involutive(seed):
     assert 0 < sum(flips) < 64
 
 
-def test_resize_scales_boxes_and_masks(seed):
-    rng = np.random.default_rng(seed)
-    assert resized_shape(100, 200, 50) == (50, 100)
-    assert resized_shape(100, 400, 50, max_size=150) == (38, 150)
-    for _ in range(5):
-        h, w, k = int(rng.integers(10, 60)), int(rng.integers(10, 60)), int(rng.integers(1, 4))
-        image = torch.rand(3, h, w)
-        target = random_target(rng, h, w, k)
-        min_size = int(rng.integers(5, 120))
-        max_size = int(rng.integers(min_size, 200))
-        ri, rt = Resize(min_size, max_size)(image, target)
-        nh, nw = resized_shape(h, w, min_size, max_size)
-        assert ri.shape == (3, nh, nw) and rt["masks"].shape == (k, nh, nw) and rt["masks"].dtype == torch.uint8
-        assert max(nh, nw) <= max_size + 1
-        assert 0.0 <= ri.min() and ri.max() <= 1.0
-        sx, sy = nw / w, nh / h
-        torch.testing.assert_close(rt["boxes"], target["boxes"] * torch.tensor([sx, sy, sx, sy]))
-        torch.testing.assert_close(rt["area"], target["area"] * sx * sy)
-        assert torch.equal(rt["labels"], target["labels"])
-        for i in range(k):  # nearest-neighbour masks stay within a pixel of the scaled boxes
-            m = rt["masks"][i].numpy()
-            if m.any():
-                np.testing.assert_allclose(mask_box_xyxy(m), rt["boxes"][i].numpy(), atol=1.0)
-            assert set(np.unique(m).tolist()) <= {0, 1}
-    # an exact 2x upscale: every pixel becomes a 2x2 block, boxes double
-    image, target = torch.rand(3, 12, 18), random_target(rng, 12, 18, 3)
-    ri, rt = Resize(24, 1000)(image, target)
-    assert torch.equal(rt["masks"], target["masks"].repeat_interleave(2, 1).repeat_interleave(2, 2))
-    assert torch.equal(rt["boxes"], target["boxes"] * 2)
-    for i in range(3):
-        assert rt["boxes"][i].tolist() == [float(v) for v in mask_box_xyxy(rt["masks"][i].numpy())]
-    # identity size: untouched
-    image, target = torch.rand(3, 20, 30), random_target(rng, 20, 30, 1)
-    ri, rt = Resize(20, 100)(image, target)
-    assert ri is image and rt is target
-
-
 # ----------------------------------------------------------------------------- errors
 
-def test_bad_paths_and_malformed_annotation_files(coco_like, tmp_path, monkeypatch):
+def test_bad_paths_and_malformed_annotation_files(coco_like, tmp_path):
     img_dir, ann_file, data, _ = coco_like
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         CocoInstanceDataset(str(tmp_path / "nope"), ann_file)
@@ -538,11 +484,5 @@ def test_bad_paths_and_malformed_annotation_files(coco_like, tmp_path, monkeypat
         f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
     d["images"][0]["file_name"] = "fake.jpg"
     ds = CocoInstanceDataset(img_dir, write_json(bad, d))
-    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
-    with pytest.raises(ValueError, match="fake.jpg is not a PNG file; reading JPEG or other formats needs Pillow"):
-        ds[0]
-    monkeypatch.undo()
-    if importlib.util.find_spec("PIL") is None:
-        return
     with pytest.raises(ValueError, match="cannot decode image .*fake.jpg"):
         ds[0]

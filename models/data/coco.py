@@ -7,57 +7,19 @@ boxes float32 [K, 4] (x1, y1, x2, y2, pixel units), labels int64 [K] (contiguous
 [K, H, W], image_id int, iscrowd int64 [K], area float32 [K].
 
 Segmentations may be polygons, uncompressed RLE (crowd) or compressed RLE. Images are
-decoded with the bundled PNG decoder; other formats (JPEG) need Pillow.
+read with Pillow (``read_image``: PNG, JPEG, ...).
 """
-import io
 import json
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from .png import PNG_SIGNATURE, decode_png
+from .io import read_image
 
-__all__ = ["CocoInstanceDataset", "Compose", "Resize", "RandomHorizontalFlip", "hflip", "collate_fn",
-           "read_image", "load_coco_json", "decode_segmentation"]
-
-
-# ----------------------------------------------------------------------------- images
-
-def read_image(path):
-    """Read an image file as a uint8 array [H, W, 3] (RGB). PNG always; other formats need Pillow."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    if data[:8] == PNG_SIGNATURE:
-        try:
-            img = decode_png(data)
-        except ValueError as e:
-            raise ValueError(f"cannot decode PNG image {path}: {e}") from None
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise ValueError(
-                f"{path} is not a PNG file; reading JPEG or other formats needs Pillow (pip install Pillow)"
-            ) from None
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                img = np.asarray(im.convert("RGB"))
-        except Exception as e:  # Pillow raises several types for bad files
-            raise ValueError(f"cannot decode image {path}: {e}") from None
-    if img.ndim == 2:
-        img = img[:, :, None]
-    c = img.shape[2]
-    if c == 1 or c == 2:  # grey (+ alpha)
-        img = np.repeat(img[:, :, :1], 3, axis=2)
-    elif c == 4:
-        img = img[:, :, :3]
-    return np.ascontiguousarray(img)
+__all__ = ["CocoInstanceDataset", "Compose", "RandomHorizontalFlip", "hflip", "read_image", "load_coco_json",
+           "decode_segmentation"]
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -132,7 +94,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     skip_degenerate: leave out annotations whose box (clipped to the image) has no area.
     remove_empty: leave out images with no annotations left (after the two options above).
     cache: keep each image and target in memory once decoded (the pixels as uint8, the
-    masks as uint8), so later epochs skip the PNG and RLE decoding; about
+    masks as uint8), so later epochs skip the image and RLE decoding; about
     H * W * (3 + instances) bytes per image, per process (each DataLoader worker has its own).
 
     Category ids are mapped to contiguous labels 1..C in increasing id order:
@@ -270,52 +232,6 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
-def resized_shape(height, width, min_size, max_size=None):
-    """Shape with the shorter side scaled to min_size, unless the longer would exceed max_size."""
-    scale = min_size / min(height, width)
-    if max_size is not None and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(int(round(height * scale)), 1), max(int(round(width * scale)), 1)
-
-
-class Resize:
-    """Scale the shorter side to ``min_size`` (the longer side at most ``max_size``).
-
-    The image is resampled bilinearly (antialiased when shrinking), masks by nearest
-    neighbour at pixel centres; boxes and areas scale with the per-axis factors.
-    """
-
-    def __init__(self, min_size, max_size=None):
-        self.min_size = min_size
-        self.max_size = max_size
-
-    def __call__(self, image, target):
-        h, w = image.shape[-2:]
-        nh, nw = resized_shape(h, w, self.min_size, self.max_size)
-        if (nh, nw) == (h, w):
-            return image, target
-        shrink = nh < h or nw < w
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                              antialias=shrink)[0].clamp_(0.0, 1.0)
-        if target is not None:
-            target = dict(target)
-            sx, sy = nw / w, nh / h
-            if "boxes" in target:
-                target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
-            if "masks" in target:
-                m = target["masks"]
-                if m.shape[0] == 0:
-                    target["masks"] = m.new_zeros((0, nh, nw))
-                else:
-                    target["masks"] = F.interpolate(m[None].float(), size=(nh, nw), mode="nearest-exact")[0].to(m.dtype)
-            if "area" in target:
-                target["area"] = target["area"] * (sx * sy)
-        return image, target
-
-    def __repr__(self):
-        return f"Resize(min_size={self.min_size}, max_size={self.max_size})"
-
-
 def hflip(image, target):
     """Mirror the image, masks and boxes left-right."""
     w = image.shape[-1]
@@ -345,8 +261,3 @@ class RandomHorizontalFlip:
     def __repr__(self):
         return f"RandomHorizontalFlip(p={self.p})"
 
-
-def collate_fn(batch):
-    """For DataLoader: a batch of (image, target) -> (list of images, list of targets)."""
-    images, targets = zip(*batch) if batch else ((), ())
-    return list(images), list(targets)

@@ -2,7 +2,8 @@
 
     python -m instseg_ops.models.data.shapes --out DIR --train 1000 --val 200 [--size 256] [--seed 0]
 
-writes DIR/{train,val}/*.png and DIR/annotations/instances_{train,val}.json.
+writes DIR/{train,val}/*.png and DIR/annotations/instances_{train,val}.json, with a progress
+bar per split on a terminal (--quiet: no output).
 The generator itself lives in ``synthetic`` (re-exported here).
 """
 import argparse
@@ -24,14 +25,14 @@ def main(argv=None):
                    help="draw each image's height and width uniformly in [MIN, MAX] instead of --size")
     p.add_argument("--max-objects", type=int, default=8, help="shapes drawn per image: 1..N (default 8)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each split derives its own")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     args = p.parse_args(argv)
     for split, n in (("train", args.train), ("val", args.val)):
         if n <= 0:
             continue
         t0 = time.perf_counter()
         ann = generate_split(args.out, split, n, size=args.size, size_range=args.size_range,
-                             seed=args.seed, max_objects=args.max_objects)
+                             seed=args.seed, max_objects=args.max_objects, progress=not args.quiet)
         if not args.quiet:
             print(f"{split}: {n} images -> {ann} ({time.perf_counter() - t0:.1f} s)")
     return 0

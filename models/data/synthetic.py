@@ -9,17 +9,20 @@ their implicit equation, everything else by even-odd point-in-polygon.
 
 Randomness: image ``index`` of split ``split`` is drawn from its own generator
 seeded by ``(seed, crc32(split), index)``, so an image does not depend on how many
-images were asked for, and the same arguments give byte-identical files.
+images were asked for, and the same arguments give byte-identical files (PNGs written
+with Pillow).
 """
 import json
 import math
 import os
+import sys
 import zlib
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
-from .png import write_png
+from .io import write_image
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -252,9 +255,11 @@ def mask_bbox(mask):
     return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
 
 
-def generate_split(root, split, num_images, size=256, size_range=None, seed=0, max_objects=8, png_level=6):
+def generate_split(root, split, num_images, size=256, size_range=None, seed=0, max_objects=8, png_level=6,
+                   progress=False):
     """Write ``root/split/*.png`` and ``root/annotations/instances_{split}.json``.
 
+    progress: show a tqdm bar (with ETA) on stderr when it is a terminal.
     Returns the path of the annotation file.
     """
     if num_images < 0:
@@ -264,12 +269,14 @@ def generate_split(root, split, num_images, size=256, size_range=None, seed=0, m
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
     images, annotations = [], []
-    for index in range(num_images):
+    bar = tqdm(range(num_images), desc=split, unit="img", leave=False,
+               disable=not progress or not sys.stderr.isatty())
+    for index in bar:
         image, instances = render_sample(seed, split, index, size=size, size_range=size_range, max_objects=max_objects)
         h, w = image.shape[:2]
         image_id = index + 1
         file_name = f"{index:06d}.png"
-        write_png(os.path.join(img_dir, file_name), image, level=png_level)
+        write_image(os.path.join(img_dir, file_name), image, png_level=png_level)
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for inst in instances:
             m = inst["mask"]
