@@ -175,7 +175,7 @@ class Trainer:
         if self.val_set is None or len(self.val_set) == 0:
             return None
         t0 = time.perf_counter()
-        result = evaluate(self.model, self.val_set, self.info, max_images=max_images)
+        result = evaluate(self.model, self.val_set, self.info, max_images=max_images, progress=False)
         if self.info.is_main and result is not None:
             n = min(len(self.val_set), max_images) if max_images > 0 else len(self.val_set)
             self.metrics.write({"iter": self.iteration, "eval": result, "eval_images": n,
