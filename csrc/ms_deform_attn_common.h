@@ -97,7 +97,7 @@ C10_HOST_DEVICE inline LevelView level_view(const int64_t* shapes, const int64_t
   LevelView v{shapes[2 * l], shapes[2 * l + 1], starts[l], false};
   v.ok = v.H >= 0 && v.W >= 0 && v.start >= 0 && v.start <= S &&
          (v.H == 0 || v.W <= (S - v.start) / v.H);
-  if (!v.ok) v.H = v.W = 0;
+  if (!v.ok) v.H = v.W = v.start = 0;
   return v;
 }
 
