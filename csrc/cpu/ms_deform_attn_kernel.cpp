@@ -8,7 +8,9 @@
 //
 // Parallelism (at::parallel_for), race-free and independent of the number of
 // threads:
-//   forward:  tasks are (n, q, m) output rows.
+//   forward:  tasks are (n, q, m) output rows, visited head by head (all
+//             queries of head m of image n, then the next head), which keeps
+//             one head's values in cache instead of all heads'.
 //   backward: tasks are (n, m) heads. A task owns grad_value[n, :, m, :] and
 //             the location/weight gradients of its head, and visits queries,
 //             levels and points in index order, so value gradients are summed
@@ -58,10 +60,10 @@ MsdaSizes check_all(const char* op, const at::Tensor& value, const at::Tensor& s
 template <typename acc_t, typename T1, typename T2>
 inline void prefetch_taps(int64_t u, const MsdaSizes& s, const int64_t* shapes,
                           const int64_t* starts, const acc_t* loc, const T1* rows1,
-                          const T2* rows2) {
+                          const T2* rows2, int64_t l_begin, int64_t l_end) {
   const int64_t n = u / s.M / s.Lq, m = u % s.M;
   const acc_t* lp = loc + u * s.L * s.P * 2;
-  for (int64_t l = 0; l < s.L; ++l) {
+  for (int64_t l = l_begin; l < l_end; ++l) {
     const LevelView lv = level_view(shapes, starts, l, s.S);
     const int64_t row0 = (n * s.S + lv.start) * s.M + m;
     for (int64_t p = 0; p < s.P; ++p) {
@@ -88,11 +90,19 @@ void forward_kernel(const MsdaSizes& s, const scalar_t* value, const int64_t* sh
   const int64_t MD = M * D;
   const int64_t rows = N * Lq * M;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, L * P * D));
+  // Rows are visited head by head, t = (n * M + m) * Lq + q, so that a thread
+  // works on one head's values (S x D of the N x S x M x D) at a time.
+  const auto row_of = [&](int64_t t) {  // u = (n * Lq + q) * M + m
+    const int64_t q = t % Lq, nm = t / Lq;
+    return ((nm / M) * Lq + q) * M + nm % M;
+  };
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(D);
-    for (int64_t u = begin; u < end; ++u) {  // u = (n * Lq + q) * M + m
-      if (u + 1 < end)
-        prefetch_taps<acc_t, scalar_t, acc_t>(u + 1, s, shapes, starts, loc, value, nullptr);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t u = row_of(t);
+      if (t + 1 < end)
+        prefetch_taps<acc_t, scalar_t, acc_t>(row_of(t + 1), s, shapes, starts, loc, value, nullptr,
+                                              0, L);
       const int64_t m = u % M, n = u / M / Lq;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t* a = acc.data();
@@ -145,19 +155,21 @@ void backward_kernel(const MsdaSizes& s, const scalar_t* grad_out, const scalar_
     acc_t* __restrict__ g = gbuf.data();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / M, m = t % M;
-      for (int64_t q = 0; q < Lq; ++q) {
-        const int64_t u = (n * Lq + q) * M + m;
-        if (q + 1 < Lq)
-          prefetch_taps<acc_t, scalar_t, acc_t>(u + M, s, shapes, starts, loc, value, grad_value);
-        const scalar_t* go = grad_out + u * D;
-        for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
-        const acc_t* lp = loc + u * L * P * 2;
-        const acc_t* ap = attn + u * L * P;
-        acc_t* glp = grad_loc + u * L * P * 2;
-        acc_t* gap = grad_attn + u * L * P;
-        for (int64_t l = 0; l < L; ++l) {
-          const LevelView lv = level_view(shapes, starts, l, S);
-          const int64_t row0 = (n * S + lv.start) * M + m;  // value row of pixel 0, in units of D
+      // Level by level, so that one level of one head is the working set.
+      for (int64_t l = 0; l < L; ++l) {
+        const LevelView lv = level_view(shapes, starts, l, S);
+        const int64_t row0 = (n * S + lv.start) * M + m;  // value row of pixel 0, in units of D
+        for (int64_t q = 0; q < Lq; ++q) {
+          const int64_t u = (n * Lq + q) * M + m;
+          if (q + 1 < Lq)
+            prefetch_taps<acc_t, scalar_t, acc_t>(u + M, s, shapes, starts, loc, value, grad_value,
+                                                  l, l + 1);
+          const scalar_t* go = grad_out + u * D;
+          for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+          const acc_t* lp = loc + u * L * P * 2;
+          const acc_t* ap = attn + u * L * P;
+          acc_t* glp = grad_loc + u * L * P * 2;
+          acc_t* gap = grad_attn + u * L * P;
           for (int64_t p = 0; p < P; ++p) {
             const int64_t i = l * P + p;
             Bilinear<acc_t> b;
