@@ -46,6 +46,7 @@ step "benchmarks"
 "$PY" benchmarks/bench_multilevel.py --device cuda --out "$OUT/multilevel_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
 "$PY" benchmarks/bench_nms.py --device cuda --out "$OUT/nms_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
 "$PY" benchmarks/bench_paste_masks.py --device cuda --out "$OUT/paste_masks_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
+"$PY" benchmarks/bench_ms_deform_attn.py --device cuda --out "$OUT/ms_deform_attn_cuda.json" >> "$OUT/bench_cuda.txt" 2>&1 || status=1
 cat "$OUT/bench_cuda.txt"
 step "done status=$status"
 exit $status

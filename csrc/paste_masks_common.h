@@ -18,14 +18,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "roi_align_common.h"
+#include "exact_math.h"
 
 namespace instseg {
 namespace paste_detail {
 
-using roi_align_detail::add_rn;
-using roi_align_detail::is_finite;
-using roi_align_detail::mul_rn;
+using exact_math::add_rn;
+using exact_math::is_finite;
+using exact_math::mul_rn;
 
 // Pixels [y0, y1) x [x0, x1) of the image that a mask may write (clipped).
 struct Region {

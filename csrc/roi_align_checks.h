@@ -1,9 +1,11 @@
-// Argument checks shared by the CPU and CUDA RoIAlign kernels.
+// Argument checks shared by the CPU and CUDA RoIAlign kernels (single- and
+// multi-level; the level helpers are in feature_levels.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "feature_levels.h"
 #include "tensor_utils.h"
 
 #include <cmath>
@@ -66,15 +68,6 @@ inline void check_roi_align_backward_args(const at::Tensor& grad, const at::Tens
               "_roi_align_backward: output_size must be positive");
 }
 
-// One feature-map level as the kernels see it.
-struct Level {
-  int64_t H, W;
-  double scale;
-};
-
-// The CUDA kernels take the levels by value; more than FPN ever needs.
-constexpr int64_t kMaxLevels = 8;
-
 inline void check_levels_tensor(const char* op, const at::Tensor& levels, const at::Tensor& rois) {
   TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0), op,
               ": levels must be a Tensor[K] with one level per RoI, got shape ", levels.sizes(),
@@ -109,23 +102,6 @@ inline void check_multilevel_args(at::TensorList features, const at::Tensor& roi
                 features[0].device(), ", features[", l, "] on ", f.device());
   }
   check_levels_tensor("multilevel_roi_align", levels, rois);
-}
-
-// The levels in one memory format (channels_last or contiguous): a no-op for
-// levels already in it.
-inline std::vector<at::Tensor> same_layout(at::TensorList features, bool channels_last) {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& f : features)
-    out.push_back(f.contiguous(memory_format(channels_last)));
-  return out;
-}
-
-inline std::vector<Level> levels_of(const std::vector<at::Tensor>& feats,
-                                    at::ArrayRef<double> scales) {
-  std::vector<Level> lv;
-  for (size_t i = 0; i < feats.size(); ++i)
-    lv.push_back(Level{feats[i].size(2), feats[i].size(3), scales[i]});
-  return lv;
 }
 
 // level_sizes = (N, C, H0, W0, H1, W1, ...). Returns the levels.

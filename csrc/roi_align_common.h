@@ -18,33 +18,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "exact_math.h"
+
 namespace instseg {
 namespace roi_align_detail {
 
-// Correctly rounded multiply/add/divide, never contracted into an FMA, so that
-// the CUDA kernels compute the same sample coordinates as the CPU (nvcc fuses
-// a * b + c by default; x86 builds round the product first).
-#if defined(__CUDA_ARCH__)
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-#else
-template <typename T>
-inline T mul_rn(T a, T b) { return a * b; }
-template <typename T>
-inline T add_rn(T a, T b) { return a + b; }
-#endif
-
-// Unit roundoff of the geometry type: margins for values computed in it.
-template <typename T>
-C10_HOST_DEVICE inline double unit_roundoff() { return sizeof(T) == 4 ? 5.97e-8 : 1.12e-16; }
-
-template <typename T>
-C10_HOST_DEVICE inline bool is_finite(T v) {
-  // NaN fails the first comparison; +-inf fails the second.
-  return v == v && v - v == T(0);
-}
+// The exact arithmetic (csrc/exact_math.h), unqualified in this namespace.
+using exact_math::add_rn;
+using exact_math::is_finite;
+using exact_math::mul_rn;
+using exact_math::unit_roundoff;
 
 template <typename T>
 struct RoiGeometry {

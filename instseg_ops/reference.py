@@ -163,3 +163,45 @@ def soft_nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, sigm
                 alive.remove(i)
     kept_t = torch.stack(kept) if kept else torch.zeros(0, dtype=dt)
     return torch.tensor(keep, dtype=torch.int64), kept_t.to(scores.dtype)
+
+
+def ms_deform_attn_reference(value: Tensor, spatial_shapes, sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention from ``F.grid_sample``, one call per level.
+
+    value [N, S, M, D]; spatial_shapes: (H, W) pairs (a list or an int64 Tensor[L, 2]) whose
+    areas tile S in order; sampling_locations [N, Lq, M, L, P, 2], (x, y) normalised to [0, 1];
+    attention_weights [N, Lq, M, L, P]. Returns [N, Lq, M * D] in the dtype of ``value``
+    (computed in it: pass float64 tensors for a float64 reference).
+
+    Semantics as the kernels: bilinear, align_corners=False, zeros off the level. NaN/inf
+    locations contribute nothing and get no gradient; locations are first clamped to [-2, 3],
+    which moves nothing on or near a level (any point outside (-1/2, 1 + 1/2) is off it).
+    """
+    import torch.nn.functional as F
+
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
+    n, s, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    loc = torch.where(torch.isfinite(sampling_locations), sampling_locations,
+                      torch.full_like(sampling_locations, -2.0)).clamp(-2.0, 3.0)
+    grid = 2.0 * loc - 1.0  # grid_sample's [-1, 1] convention
+    out = value.new_zeros(n * m, d, lq)
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        part = value[:, start:start + h * w]
+        start += h * w
+        if h * w == 0 or lq == 0:
+            continue
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        img = part.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
+        g = grid[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(n * m, lq, n_points, 2)
+        sampled = F.grid_sample(img, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # [N*M, D, Lq, P] weighted by [N*M, 1, Lq, P]
+        wts = attention_weights[:, :, :, lvl].permute(0, 2, 1, 3).reshape(n * m, 1, lq, n_points)
+        out = out + (sampled * wts).sum(-1)
+    if start != s:
+        raise ValueError(f"ms_deform_attn_reference: the levels cover {start} rows, value has {s}")
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous()

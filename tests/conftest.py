@@ -15,8 +15,5 @@ def seed():
     return s
 
 
-def cuda_available():
-    return torch.cuda.is_available() and instseg_ops.cuda_built()
-
-
-requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and a CUDA build")
+# Kept importable from here for the older test modules; new ones import from _helpers.
+from _helpers import cuda_available, requires_cuda  # noqa: E402,F401

@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../feature_levels.h"
 #include "../roi_align_checks.h"
 #include "../roi_align_common.h"
 

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../feature_levels.h"
 #include "../roi_align_checks.h"
 #include "../roi_align_common.h"
 
