@@ -1,0 +1,317 @@
+"""instseg_ops used as torchvision.ops is used: scripted (torch.jit.script), traced
+(torch.fx.symbolic_trace, torchvision's create_feature_extractor), exported to ONNX,
+and torchvision's edge cases (empty batched_nms with None, quantized maps).
+
+Every comparison runs on fresh random inputs (the ``seed`` fixture prints the seed);
+scripted and traced outputs must equal eager ones bit for bit, and eager outputs are
+checked against torchvision's where torchvision has the op.
+"""
+import io
+import warnings
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+import instseg_ops
+from instseg_ops import (MultiScaleRoIAlign, RoIAlign, batched_nms, crops_to_canvas, multilevel_roi_align, nms,
+                         paste_masks, paste_masks_crops, roi_align, soft_nms)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated",
+                                        "ignore:`torch.jit.save` is deprecated", "ignore:`torch.jit.load` is deprecated",
+                                        "ignore:.*TorchScript.*:DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore:torch.quantize_per_tensor:UserWarning")
+
+
+def _script(obj):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(obj)
+
+
+def _save_load(scripted):
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        return torch.jit.load(buf)
+
+
+def rand_boxes(n, size, lo=1.0):
+    """Valid (x1 < x2, y1 < y2) float32 boxes inside a size x size image."""
+    xy = torch.rand(n, 2) * (size - lo - 1)
+    wh = lo + torch.rand(n, 2) * (size - xy - lo)
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def rand_rois(n, batch, size):
+    return torch.cat([torch.randint(0, batch, (n, 1)).float(), rand_boxes(n, size)], dim=1)
+
+
+def assert_same(a, b):
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# TorchScript
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_scripted(seed, aligned):
+    x = torch.randn(2, 3, 17, 23)
+    rois = rand_rois(11, 2, 40)
+    per_image = [rand_boxes(5, 40), rand_boxes(3, 40)]
+    f = _script(roi_align)
+    for boxes, size, scale, ratio in ((rois, 5, 0.5, 2), (per_image, (4, 3), 0.5, -1), (rois, [3], 0.25, 0)):
+        eager = roi_align(x, boxes, size, scale, ratio, aligned)
+        assert_same(f(x, boxes, size, scale, ratio, aligned), eager)
+        assert_same(f(x, boxes, size, scale, ratio, aligned, True), eager)
+        tv_size = size[0] if isinstance(size, list) else size  # torchvision's eager path takes no [n]
+        tv = torchvision.ops.roi_align(x, boxes, tv_size, scale, ratio, aligned)
+        torch.testing.assert_close(eager, tv, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_keyword_api_unchanged(seed):
+    # deterministic used to be keyword-only: keywords keep working.
+    x = torch.randn(1, 2, 9, 9)
+    rois = rand_rois(4, 1, 9)
+    ref = roi_align(x, rois, 3, 1.0, 2, True)
+    assert_same(roi_align(x, rois, output_size=3, spatial_scale=1.0, sampling_ratio=2, aligned=True,
+                          deterministic=True), ref)
+    feats = [torch.randn(1, 2, 16, 16), torch.randn(1, 2, 8, 8)]
+    boxes = [rand_boxes(6, 64)]
+    out = multilevel_roi_align(feats, boxes, 2, [0.25, 0.125], rule="scale_adaptive", min_level=2, max_level=3,
+                               image_sizes=[(64, 64)], deterministic=False)
+    assert out.shape == (6, 2, 2, 2)
+
+
+class _Head(nn.Module):
+    """A scripted model using the modules the way torchvision's detection heads do."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = pool
+
+    def forward(self, x: Tensor, boxes: List[Tensor]) -> Tensor:
+        return self.pool(self.conv(x), boxes).flatten(1).relu()
+
+
+def test_roialign_module_in_scripted_model(seed):
+    for pool in (RoIAlign(3, 0.5, 2), RoIAlign((4, 2), 0.5, -1, aligned=True)):
+        model = _Head(pool).eval()
+        scripted = _save_load(_script(model))
+        x = torch.randn(2, 3, 20, 16)
+        boxes = [rand_boxes(4, 30), rand_boxes(2, 30)]
+        with torch.no_grad():
+            assert_same(scripted(x, boxes), model(x, boxes))
+    # torchvision's module and ours, scripted, give the same numbers
+    tv = _script(torchvision.ops.RoIAlign(3, 0.5, 2))
+    ours = _script(RoIAlign(3, 0.5, 2))
+    x, rois = torch.randn(2, 3, 12, 12), rand_rois(7, 2, 24)
+    torch.testing.assert_close(ours(x, rois), tv(x, rois), rtol=1e-5, atol=1e-5)
+
+
+class _Pooler(nn.Module):
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, feats: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        return self.pool(feats, boxes, image_shapes) * 2
+
+
+def _fpn_inputs(batch=2, c=3, size=128):
+    feats = OrderedDict((str(i), torch.randn(batch, c, size // 4 >> i, size // 4 >> i)) for i in range(4))
+    feats["pool"] = torch.randn(batch, c, 1, 1)
+    boxes = [rand_boxes(9, size, lo=2.0), rand_boxes(5, size - 10, lo=2.0)]
+    return feats, boxes, [(size, size), (size - 10, size - 6)]
+
+
+def test_multiscale_roi_align_scripted(seed):
+    feats, boxes, shapes = _fpn_inputs()
+    for pool in (MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), MultiScaleRoIAlign(["2"], (3, 5), 2),
+                 MultiScaleRoIAlign(["0", "1", "2"], 4, -1, rule="scale_adaptive", aligned=True)):
+        model = _Pooler(pool)
+        scripted = _save_load(_script(model))
+        assert_same(scripted(feats, boxes, shapes), model(feats, boxes, shapes))
+    tv = _script(torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2))
+    ours = _script(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2))
+    torch.testing.assert_close(ours(feats, boxes, shapes), tv(feats, boxes, shapes), rtol=1e-5, atol=1e-5)
+
+
+def test_multilevel_functions_scripted(seed):
+    feats, boxes, shapes = _fpn_inputs()
+    fl = [feats[str(i)] for i in range(4)]
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    f = _script(multilevel_roi_align)
+    assert_same(f(fl, boxes, 5, scales), multilevel_roi_align(fl, boxes, 5, scales))
+    assert_same(f(fl, boxes, [5, 3], scales, 2, True, None, "scale_adaptive", 2, 5, 224.0, 4.0, 1e-6, shapes),
+                multilevel_roi_align(fl, boxes, (5, 3), scales, 2, True, rule="scale_adaptive", min_level=2,
+                                     max_level=5, image_sizes=shapes))
+    g = _script(instseg_ops.assign_levels)
+    rois = torch.cat(boxes)
+    assert_same(g(rois, 2, 5), instseg_ops.assign_levels(rois, 2, 5))
+
+
+def _nms_inputs(n=60):
+    boxes = rand_boxes(n, 50, lo=3.0)
+    return boxes, torch.rand(n), torch.randint(0, 4, (n,))
+
+
+def test_nms_scripted(seed):
+    boxes, scores, idxs = _nms_inputs()
+    f, g, h = _script(nms), _script(batched_nms), _script(soft_nms)
+    assert_same(f(boxes, scores, 0.4), nms(boxes, scores, 0.4))
+    assert_same(f(boxes, scores, 0.4, 5, 0.3), nms(boxes, scores, 0.4, 5, 0.3))
+    assert_same(f(boxes, scores, 0.4), torchvision.ops.nms(boxes, scores, 0.4))  # distinct random scores
+    assert_same(g(boxes, scores, idxs, 0.4), batched_nms(boxes, scores, idxs, 0.4))
+    assert_same(g(boxes, scores, idxs, 0.4), torchvision.ops.batched_nms(boxes, scores, idxs, 0.4))
+    assert_same(h(boxes, scores, 0.3, 0.5, 0.01, "gaussian"), soft_nms(boxes, scores, 0.3, 0.5, 0.01, "gaussian"))
+    with pytest.raises(Exception, match="linear"):
+        h(boxes, scores, 0.3, 0.5, 0.01, "cubic")
+
+
+def test_paste_scripted(seed):
+    masks = torch.rand(6, 1, 9, 9)
+    boxes = rand_boxes(6, 40, lo=2.0)
+    f, g, c = _script(paste_masks), _script(paste_masks_crops), _script(crops_to_canvas)
+    for args in (((37, 41),), ((37, 41), 1, 0.5, True), ((20, 30), 2, None, False)):
+        assert_same(f(masks, boxes, *args), paste_masks(masks, boxes, *args))
+        crops, regions = g(masks, boxes, *args)
+        assert_same((crops, regions), paste_masks_crops(masks, boxes, *args))
+        assert_same(c(crops, regions, args[0]), crops_to_canvas(crops, regions, args[0]))
+
+
+# ---------------------------------------------------------------------------
+# torch.fx
+
+
+class _UsesFunctions(nn.Module):
+    """Calls the functions through names imported from the package (not through the module
+    that defines them), as user code does."""
+
+    def forward(self, x, rois, boxes, scores, idxs, masks):
+        pooled = roi_align(x, rois, (3, 2), 0.5, 2, True) + 1
+        keep = batched_nms(boxes, scores, idxs, 0.5)
+        keep2 = instseg_ops.nms(boxes, scores, 0.3, 10)
+        kept, kept_scores = soft_nms(boxes, scores)
+        canvas = paste_masks(masks, boxes, (40, 40))
+        crops, regions = paste_masks_crops(masks, boxes, (40, 40), 1, 0.5)
+        return pooled, keep, keep2, kept, kept_scores, canvas, crops, regions
+
+
+def test_fx_symbolic_trace_leaves(seed):
+    model = _UsesFunctions()
+    gm = torch.fx.symbolic_trace(model)
+    # (the target may be torch.fx.wrap's wrapper of the function)
+    targets = [getattr(n.target, "__wrapped__", n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    for fn in (roi_align, batched_nms, nms, soft_nms, paste_masks, paste_masks_crops):
+        assert fn in targets, f"{fn.__name__} is not a leaf of the trace"
+    x, rois = torch.randn(2, 3, 15, 15), rand_rois(6, 2, 30)
+    boxes, scores, idxs = _nms_inputs(30)
+    masks = torch.rand(30, 7, 7)
+    assert_same(gm(x, rois, boxes, scores, idxs, masks), model(x, rois, boxes, scores, idxs, masks))
+
+
+def test_fx_modules(seed):
+    for model, inputs in ((RoIAlign(3, 0.5, 2), (torch.randn(2, 3, 10, 10), rand_rois(5, 2, 20))),
+                          (MultiScaleRoIAlign(["0", "1", "2", "3"], 5, 2), _fpn_inputs()),
+                          (_Pooler(MultiScaleRoIAlign(["1", "3"], 2, -1)), _fpn_inputs())):
+        gm = torch.fx.symbolic_trace(model)
+        assert_same(gm(*inputs), model(*inputs))
+
+
+class _FeatureModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.box_pool = RoIAlign(3, 1.0, 2)
+        self.fpn_pool = MultiScaleRoIAlign(["p2", "p3"], 2, 2)
+
+    def forward(self, x: Tensor, boxes: List[Tensor]):
+        p2 = self.body(x)
+        p3 = self.down(p2)
+        a = self.box_pool(p2, boxes)
+        b = self.fpn_pool({"p2": p2, "p3": p3}, boxes, [(x.shape[-2], x.shape[-1])] * 2)
+        head = torch.cat([a.flatten(1), b.flatten(1)], 1)
+        return head.sum(1)
+
+
+def test_create_feature_extractor(seed):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _FeatureModel().eval()
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert "cat" in eval_nodes
+    extractor = create_feature_extractor(model, return_nodes={"cat": "head", "sum": "out"})
+    x = torch.randn(2, 3, 16, 16)
+    boxes = [rand_boxes(3, 16), rand_boxes(4, 16)]
+    with torch.no_grad():
+        got = extractor(x, boxes)
+        p2 = model.body(x)
+        p3 = model.down(p2)
+        a = roi_align(p2, boxes, 3, 1.0, 2)
+        b = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)({"p2": p2, "p3": p3}, boxes, [(16, 16)] * 2)
+        head = torch.cat([a.flatten(1), b.flatten(1)], 1)
+    torch.testing.assert_close(got["head"], head, rtol=1e-5, atol=1e-5)
+    assert_same(got["out"], model(x, boxes))
+
+
+# ---------------------------------------------------------------------------
+# Edge cases torchvision users meet
+
+
+def test_batched_nms_empty_like_torchvision():
+    for boxes in (torch.empty(0, 4), torch.empty(0, 4, dtype=torch.float64), torch.empty(0)):
+        for scores, idxs in ((None, None), (torch.empty(0), torch.empty(0, dtype=torch.int64)),
+                             (torch.rand(3), torch.zeros(3, dtype=torch.int64))):
+            ours = batched_nms(boxes, scores, idxs, 0.5)
+            tv = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+            assert_same(ours, tv)
+    with pytest.raises(Exception):
+        batched_nms(torch.rand(3, 4), None, None, 0.5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_quantized_like_torchvision(seed, aligned):
+    x = torch.rand(1, 3, 12, 10) * 4 - 1
+    qx = torch.quantize_per_tensor(x, 0.02, 60, torch.quint8)
+    rois = rand_rois(20, 1, 12)
+    qrois = torch.quantize_per_tensor(rois, 0.05, 0, torch.quint8)
+    ours = roi_align(qx, qrois, 3, 0.8, 2, aligned)
+    tv = torchvision.ops.roi_align(qx, qrois, 3, 0.8, 2, aligned)
+    assert ours.is_quantized and ours.dtype == torch.quint8
+    assert (ours.q_scale(), ours.q_zero_point()) == (tv.q_scale(), tv.q_zero_point())
+    # float accumulation order can move a value across a rounding boundary: at most one step
+    diff = (ours.int_repr().int() - tv.int_repr().int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8])
+def test_roi_align_quantized_batches_and_float_rois(seed, dtype):
+    # Beyond torchvision (one image, quantized rois only): several images, float rois.
+    x = torch.rand(3, 2, 11, 13) * 2 - 1
+    qx = torch.quantize_per_tensor(x, 0.01, 0 if dtype == torch.qint8 else 100, dtype)
+    rois = rand_rois(15, 3, 12)
+    out = roi_align(qx, rois, (2, 3), 1.0, -1, True)
+    ref = torch.quantize_per_tensor(roi_align(qx.dequantize(), rois, (2, 3), 1.0, -1, True), 0.01,
+                                    qx.q_zero_point(), dtype)
+    diff = (out.int_repr().int() - ref.int_repr().int()).abs()
+    assert out.dtype == dtype and diff.max() <= 1
+    scripted = _script(roi_align)
+    assert torch.equal(scripted(qx, rois, [2, 3], 1.0, -1, True).int_repr(), out.int_repr())
+    per_channel = torch.quantize_per_channel(x, torch.full((2,), 0.01), torch.zeros(2, dtype=torch.long), 1, dtype)
+    with pytest.raises(NotImplementedError, match="per tensor"):
+        roi_align(per_channel, rois, 2)
