@@ -39,16 +39,20 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     boxes of small inputs by category, which rounds their coordinates, so at IoUs within float32
     rounding of the threshold its answer can differ). ``max_output`` limits the merged result.
     Boolean ``idxs`` are taken as 0/1 and floating ones by their distinct values, as torchvision
-    accepts them. Empty ``boxes`` give an empty int64 tensor whatever the other arguments
-    (``None`` included), as in torchvision.
+    accepts them. Empty ``boxes`` give an empty int64 tensor, also with ``None`` scores and
+    ``idxs``, as in torchvision.
 
     Scriptable (``torch.jit.script``), and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(boxes, scores, idxs):
         return handle_torch_function(batched_nms, (boxes, scores, idxs), boxes, scores, idxs, iou_threshold,
                                      max_output, score_threshold)
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if scores is None or idxs is None:
+        # torchvision returns an empty result for empty boxes before looking at the rest.
+        # (Not tested for tensors: boxes.numel() would be a data-dependent guard under compile.)
+        if boxes.numel() == 0:
+            return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+        raise ValueError("batched_nms: scores and idxs must be tensors (None only with empty boxes)")
     if idxs.dtype == torch.bool:
         idxs = idxs.long()
     elif idxs.is_floating_point():
