@@ -320,3 +320,110 @@ def test_roi_align_quantized_batches_and_float_rois(seed, dtype):
     per_channel = torch.quantize_per_channel(x, torch.full((2,), 0.01), torch.zeros(2, dtype=torch.long), 1, dtype)
     with pytest.raises(NotImplementedError, match="per tensor"):
         roi_align(per_channel, rois, 2)
+
+
+# ---------------------------------------------------------------------------
+# ONNX (torch.onnx.export with the torch.export-based exporter; run with onnxruntime)
+
+
+def _onnx_session(model, args, dynamic_shapes):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import instseg_ops.onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = instseg_ops.onnx.export(model, args, dynamic_shapes=dynamic_shapes, verbose=False)
+    return ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _onnx_run(session, args):
+    flat = [a for a in args if isinstance(a, Tensor)]
+    return session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), flat)})
+
+
+class _RoiAlignVariants(nn.Module):
+    def forward(self, x, rois, x16, boxes0, boxes1):
+        return (roi_align(x, rois, (5, 4), 0.5, 2, False), roi_align(x, rois, 3, 0.5, -1, False),
+                roi_align(x, rois, (2, 3), 0.25, 3, True), roi_align(x, rois, 4, 0.5, 0, True),
+                roi_align(x16, rois, 3, 0.5, 2, True), RoIAlign(3, 0.5, -1)(x, [boxes0, boxes1]))
+
+
+def test_onnx_roi_align(seed):
+    from torch.export import Dim
+
+    model = _RoiAlignVariants()
+
+    def inputs(k):
+        return (torch.randn(2, 3, 20, 24), rand_rois(k, 2, 48), torch.randn(2, 3, 20, 24).half(),
+                rand_boxes(k // 2, 48), rand_boxes(k - k // 2, 48))
+
+    k, k0, k1 = Dim("k"), Dim("k0"), Dim("k1")
+    session = _onnx_session(model, inputs(12), ({}, {0: k}, {}, {0: k0}, {0: k1}))
+    for n in (17, 30):  # fresh inputs, other RoI counts
+        args = inputs(n)
+        got = _onnx_run(session, args)
+        want = model(*args)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape) and str(g.dtype) == str(w.dtype).replace("torch.", "")
+            tol = 2e-3 if w.dtype == torch.float16 else 2e-5
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=tol, atol=tol)
+
+
+class _FixedImages(nn.Module):
+    def __init__(self, pool: nn.Module, image_shapes: List[Tuple[int, int]]):
+        super().__init__()
+        self.pool = pool
+        self.image_shapes = image_shapes
+
+    def forward(self, feats: Dict[str, Tensor], boxes: List[Tensor]) -> Tensor:
+        return self.pool(feats, boxes, self.image_shapes)
+
+
+def test_onnx_multiscale_roi_align(seed):
+    from torch.export import Dim
+
+    names = ["0", "1", "2", "3"]
+    model = _FixedImages(MultiScaleRoIAlign(names, (3, 2), 2), [(512, 512), (500, 480)])
+
+    def inputs(n0, n1):
+        feats = {name: torch.randn(2, 3, 128 >> i, 128 >> i) for i, name in enumerate(names)}
+        return feats, [rand_boxes(n0, 500, lo=8.0), rand_boxes(n1, 500, lo=8.0)]
+
+    session = _onnx_session(model, inputs(10, 7), ({name: {} for name in names}, [{0: Dim("k0")}, {0: Dim("k1")}]))
+    for n0, n1 in ((40, 23), (15, 31)):
+        feats, boxes = inputs(n0, n1)
+        assert instseg_ops.assign_levels(boxes, 2, 5).unique().numel() >= 3  # several levels are used
+        got = _onnx_run(session, [feats[name] for name in names] + boxes)[0]
+        torch.testing.assert_close(torch.from_numpy(got), model(feats, boxes), rtol=2e-5, atol=2e-5)
+
+
+class _NmsVariants(nn.Module):
+    def forward(self, boxes, scores, idxs):
+        return (nms(boxes, scores, 0.5), batched_nms(boxes, scores, idxs, 0.4), nms(boxes, scores, 0.3, 7, 0.25),
+                batched_nms(boxes, scores, idxs, 0.6, 10, 0.5), batched_nms(boxes, scores, idxs == 2, 0.5))
+
+
+def test_onnx_nms(seed):
+    from torch.export import Dim
+
+    model = _NmsVariants()
+
+    def inputs(n):
+        return rand_boxes(n, 40, lo=6.0), torch.rand(n), torch.randint(0, 4, (n,)) * 3 - 2
+
+    n = Dim("n")
+    session = _onnx_session(model, inputs(30), ({0: n}, {0: n}, {0: n}))
+    for trial in range(3):
+        boxes, scores, idxs = inputs(60 + 20 * trial)
+        if trial == 2:
+            scores[:30] = scores[30:60]  # tied scores
+            boxes[3, 1] = float("nan")
+            boxes[8, 2] = float("inf")
+            scores[5] = float("nan")
+        got = _onnx_run(session, (boxes, scores, idxs))
+        want = model(boxes, scores, idxs)
+        assert want[0].numel() < boxes.shape[0] - 5  # boxes were suppressed
+        for g, w in zip(got, want):
+            assert_same(torch.from_numpy(g), w)

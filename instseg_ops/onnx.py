@@ -1,0 +1,166 @@
+"""ONNX export of the instseg ops through ``torch.onnx.export(..., dynamo=True)``.
+
+    import instseg_ops.onnx
+    onnx_program = instseg_ops.onnx.export(model, (x, boxes))      # or:
+    torch.onnx.export(model, (x, boxes), dynamo=True,
+                      custom_translation_table=instseg_ops.onnx.translation_table())
+
+The torch.export-based exporter records each ``torch.ops.instseg.*`` call as one node;
+this module maps those nodes to ONNX (written with onnxscript, imported only here):
+
+- ``instseg::roi_align`` -> ``RoiAlign`` (opset 16+): ``aligned=True`` is
+  ``coordinate_transformation_mode="half_pixel"``, ``aligned=False`` is
+  ``"output_half_pixel"`` (no shift, RoIs at least 1x1: the same rule), and
+  ``sampling_ratio <= 0`` is ONNX's adaptive ``0`` (``ceil(roi_size / output_size)``).
+  float16/bfloat16 maps are pooled in float32 (onnxruntime's CPU RoiAlign takes float32
+  and float64) and cast back.
+- ``instseg::multilevel_roi_align`` -> per level, the RoIs of that level (``NonZero``,
+  ``Gather``), ``RoiAlign`` on them and ``ScatterND`` into the output, which is in RoI order.
+- ``instseg::nms`` -> ``NonMaxSuppression`` (one class, or one class per distinct
+  ``idxs`` value for ``batched_nms``), then sorted as ``nms`` sorts (score descending,
+  ties by lower index). Boxes with a non-finite coordinate or a NaN score are masked out
+  first, as the op drops them.
+
+Differences from eager (see the README): out-of-range batch or level indices are not
+checked; a NaN box is not zeroed; in NMS the IoU threshold is compared in float32 (the op
+compares in float64), boxes are used in float32 (also float64 ones), boxes with
+``x1 > x2`` are normalised by onnxruntime (the op uses the signed area, as torchvision),
+and boxes with a score of ``-inf`` are dropped (the op keeps them, last).
+``soft_nms`` and the paste ops have no ONNX translation.
+"""
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+_FLOAT, _INT64, _DOUBLE, _BOOL = 1, 7, 11, 9  # onnx.TensorProto data types
+_FLOAT_MAX = 3.4028234663852886e38
+
+
+def _op():
+    from onnxscript import opset18
+
+    return opset18
+
+
+def _pooling_dtype(x):
+    """ONNX dtype RoiAlign runs in for map ``x``: float32 unless the map is float64."""
+    import onnx_ir as ir
+
+    return _DOUBLE if x.dtype == ir.DataType.DOUBLE else _FLOAT
+
+
+def _needs_cast(x) -> bool:
+    import onnx_ir as ir
+
+    return x.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE)
+
+
+def _split_rois(op, rois, compute_dtype):
+    batch = op.Cast(op.Squeeze(op.Slice(rois, [0], [1], [1]), [1]), to=_INT64)
+    coords = op.Cast(op.Slice(rois, [1], [5], [1]), to=compute_dtype)
+    return batch, coords
+
+
+def _roi_align_value(op, x, coords, batch, spatial_scale, ph, pw, sampling_ratio, aligned):
+    return op.RoiAlign(x, coords, batch, coordinate_transformation_mode="half_pixel" if aligned else
+                       "output_half_pixel", mode="avg", output_height=int(ph), output_width=int(pw),
+                       sampling_ratio=max(int(sampling_ratio), 0), spatial_scale=float(spatial_scale))
+
+
+def roi_align_to_onnx(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int,
+                      sampling_ratio: int, aligned: bool, deterministic: bool = False):
+    op = _op()
+    dt = _pooling_dtype(input)
+    x = op.Cast(input, to=dt) if _needs_cast(input) else input
+    batch, coords = _split_rois(op, rois, dt)
+    out = _roi_align_value(op, x, coords, batch, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+    return op.CastLike(out, input) if _needs_cast(input) else out
+
+
+def multilevel_roi_align_to_onnx(features: Sequence[Any], rois, levels, spatial_scales: Sequence[float],
+                                 pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
+                                 deterministic: bool = False):
+    op = _op()
+    f0 = features[0]
+    dt = _pooling_dtype(f0)
+    cast = _needs_cast(f0)
+    batch, coords = _split_rois(op, rois, dt)
+    # Output [K, C, ph, pw] of zeros, filled level by level.
+    shape = op.Concat(op.Shape(rois, start=0, end=1), op.Shape(f0, start=1, end=2),
+                      op.Constant(value_ints=[int(pooled_height), int(pooled_width)]), axis=0)
+    out = op.Expand(op.CastLike(op.Constant(value_float=0.0), op.Cast(f0, to=dt) if cast else f0), shape)
+    levels = op.Cast(levels, to=_INT64)
+    for lvl, (feat, scale) in enumerate(zip(features, spatial_scales)):
+        idx = op.NonZero(op.Equal(levels, op.Constant(value_int=lvl)))  # [1, n_l]
+        flat = op.Reshape(idx, op.Constant(value_ints=[-1]))
+        x = op.Cast(feat, to=dt) if cast else feat
+        pooled = _roi_align_value(op, x, op.Gather(coords, flat, axis=0), op.Gather(batch, flat, axis=0), scale,
+                                  pooled_height, pooled_width, sampling_ratio, aligned)
+        out = op.ScatterND(out, op.Transpose(idx, perm=[1, 0]), pooled)
+    return op.CastLike(out, f0) if cast else out
+
+
+def nms_to_onnx(boxes, scores, idxs, iou_threshold: float, max_output: int = -1,
+                score_threshold: Optional[float] = None):
+    op = _op()
+    b = op.Cast(boxes, to=_FLOAT)
+    s = op.Cast(scores, to=_FLOAT)
+    # Never kept: a non-finite coordinate (x * 0 is NaN for inf and NaN), a NaN score, and
+    # scores below score_threshold (compared in float64, as the op compares).
+    bad = op.Or(op.IsNaN(op.ReduceSum(op.Mul(b, op.Constant(value_float=0.0)), op.Constant(value_ints=[1]),
+                                      keepdims=0)), op.IsNaN(s))
+    if score_threshold is not None:
+        import numpy as np
+        import onnx_ir as ir
+
+        thr = op.Constant(value=ir.tensor(np.array(float(score_threshold), dtype=np.float64)))
+        bad = op.Or(bad, op.Less(op.Cast(scores, to=_DOUBLE), thr))
+    neg_inf = op.Constant(value_float=float("-inf"))
+    s = op.Where(bad, neg_inf, s)
+    if idxs is None:
+        per_class = op.Unsqueeze(s, op.Constant(value_ints=[0, 1]))  # [1, 1, N]
+    else:
+        # One class row per distinct category; a box scores -inf in the rows of other categories.
+        _, _, inverse, _ = op.Unique(op.Cast(idxs, to=_INT64), sorted=1)
+        n_cls = op.Add(op.ReduceMax(inverse, keepdims=1), op.Constant(value_ints=[1]))
+        classes = op.Range(op.Constant(value_int=0), op.Squeeze(n_cls), op.Constant(value_int=1))
+        member = op.Equal(op.Unsqueeze(classes, op.Constant(value_ints=[1])),
+                          op.Unsqueeze(inverse, op.Constant(value_ints=[0])))  # [C, N]
+        per_class = op.Unsqueeze(op.Where(member, op.Unsqueeze(s, op.Constant(value_ints=[0])), neg_inf),
+                                 op.Constant(value_ints=[0]))  # [1, C, N]
+    n = op.Shape(b, start=0, end=1)
+    selected = op.NonMaxSuppression(op.Unsqueeze(b, op.Constant(value_ints=[0])), per_class, n,
+                                    op.Constant(value_floats=[float(iou_threshold)]),
+                                    op.Constant(value_floats=[-_FLOAT_MAX]))  # score > -FLT_MAX: drops -inf
+    keep = op.Reshape(op.Slice(selected, [2], [3], [1]), op.Constant(value_ints=[-1]))
+    # The op's order: score descending, ties by lower index. TopK breaks ties by lower
+    # position, so the kept indices are put in ascending order first.
+    m = op.Shape(keep)
+    keep, _ = op.TopK(keep, m, largest=0, sorted=1)
+    _, order = op.TopK(op.Gather(s, keep, axis=0), m, largest=1, sorted=1)
+    keep = op.Gather(keep, order, axis=0)
+    if max_output is not None and max_output >= 0:
+        keep = op.Slice(keep, [0], [int(max_output)], [0])
+    return keep
+
+
+def translation_table() -> Dict[Callable, Callable]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the instseg
+    ops that have an ONNX translation."""
+    return {
+        torch.ops.instseg.roi_align.default: roi_align_to_onnx,
+        torch.ops.instseg.multilevel_roi_align.default: multilevel_roi_align_to_onnx,
+        torch.ops.instseg.nms.default: nms_to_onnx,
+    }
+
+
+def export(model, args=(), f=None, *, custom_translation_table: Optional[Dict[Callable, Callable]] = None,
+           **kwargs):
+    """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with :func:`translation_table`
+    merged into ``custom_translation_table`` (entries given here win). Returns the ONNXProgram."""
+    table = translation_table()
+    table.update(custom_translation_table or {})
+    kwargs.setdefault("dynamo", True)
+    if not kwargs["dynamo"]:
+        raise ValueError("instseg_ops.onnx.export: only the torch.export-based exporter (dynamo=True) is supported")
+    return torch.onnx.export(model, args, f, custom_translation_table=table, **kwargs)
