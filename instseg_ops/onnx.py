@@ -28,7 +28,7 @@ compares in float64), boxes are used in float32 (also float64 ones), boxes with
 and boxes with a score of ``-inf`` are dropped (the op keeps them, last).
 ``soft_nms`` and the paste ops have no ONNX translation.
 """
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -67,8 +67,9 @@ def _roi_align_value(op, x, coords, batch, spatial_scale, ph, pw, sampling_ratio
                        sampling_ratio=max(int(sampling_ratio), 0), spatial_scale=float(spatial_scale))
 
 
-def roi_align_to_onnx(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int,
-                      sampling_ratio: int, aligned: bool, deterministic: bool = False):
+# (The translations carry no type annotations: onnxscript's registry parses them.)
+def roi_align_to_onnx(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                      deterministic=False):
     op = _op()
     dt = _pooling_dtype(input)
     x = op.Cast(input, to=dt) if _needs_cast(input) else input
@@ -77,9 +78,8 @@ def roi_align_to_onnx(input, rois, spatial_scale: float, pooled_height: int, poo
     return op.CastLike(out, input) if _needs_cast(input) else out
 
 
-def multilevel_roi_align_to_onnx(features: Sequence[Any], rois, levels, spatial_scales: Sequence[float],
-                                 pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
-                                 deterministic: bool = False):
+def multilevel_roi_align_to_onnx(features, rois, levels, spatial_scales, pooled_height, pooled_width,
+                                 sampling_ratio, aligned, deterministic=False):
     op = _op()
     f0 = features[0]
     dt = _pooling_dtype(f0)
@@ -100,8 +100,7 @@ def multilevel_roi_align_to_onnx(features: Sequence[Any], rois, levels, spatial_
     return op.CastLike(out, f0) if cast else out
 
 
-def nms_to_onnx(boxes, scores, idxs, iou_threshold: float, max_output: int = -1,
-                score_threshold: Optional[float] = None):
+def nms_to_onnx(boxes, scores, idxs, iou_threshold, max_output=-1, score_threshold=None):
     op = _op()
     b = op.Cast(boxes, to=_FLOAT)
     s = op.Cast(scores, to=_FLOAT)
@@ -144,6 +143,103 @@ def nms_to_onnx(boxes, scores, idxs, iou_threshold: float, max_output: int = -1,
     return keep
 
 
+def _const_f(op, v: float):
+    return op.Constant(value_float=float(v))
+
+
+def _tv_axis_weights(op, lo, hi, M: int, pad: int, n_pix: int):
+    """[N, n_pix, M] bilinear weights of one axis in torchvision mode (csrc/paste_masks_common.h's
+    tv_geometry / tv_tap, step by step in float32)."""
+    import numpy as np
+
+    P = M + 2 * pad
+    scale = float(np.float32(P / M))
+    half = op.Mul(op.Mul(op.Sub(hi, lo), _const_f(op, 0.5)), _const_f(op, scale))
+    centre = op.Mul(op.Add(hi, lo), _const_f(op, 0.5))
+    e0, e1 = op.Sub(centre, half), op.Add(centre, half)
+    finite = op.Not(op.IsNaN(op.Mul(op.Add(e0, e1), _const_f(op, 0.0))))  # inf or NaN -> NaN
+    lim = 4.0e15
+    b0 = op.Cast(op.Clip(op.Where(finite, e0, _const_f(op, 0.0)), _const_f(op, -lim), _const_f(op, lim)), to=_INT64)
+    b1 = op.Cast(op.Clip(op.Where(finite, e1, _const_f(op, 0.0)), _const_f(op, -lim), _const_f(op, lim)), to=_INT64)
+    one = op.Constant(value_int=1)
+    size = op.Max(op.Add(op.Sub(b1, b0), one), one)
+    s = op.Div(_const_f(op, float(P)), op.Cast(size, to=_FLOAT))  # [N]
+    pix = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=n_pix), one),
+                       op.Constant(value_ints=[0]))  # [1, n_pix]
+    col = op.Constant(value_ints=[1])
+    b0c, b1c, sc = op.Unsqueeze(b0, col), op.Unsqueeze(b1, col), op.Unsqueeze(s, col)
+    inside = op.And(op.Unsqueeze(finite, col), op.And(op.GreaterOrEqual(pix, b0c), op.LessOrEqual(pix, b1c)))
+    dst = op.Cast(op.Sub(pix, b0c), to=_FLOAT)
+    src = op.Max(op.Sub(op.Mul(sc, op.Add(dst, _const_f(op, 0.5))), _const_f(op, 0.5)), _const_f(op, 0.0))
+    i0 = op.Min(op.Cast(src, to=_INT64), op.Constant(value_int=P - 1))
+    i1 = op.Add(i0, op.Cast(op.Less(i0, op.Constant(value_int=P - 1)), to=_INT64))
+    l1 = op.Sub(src, op.Cast(i0, to=_FLOAT))
+    return _axis_matrix(op, i0, i1, l1, inside, P, pad, M)
+
+
+def _aligned_axis_weights(op, lo, hi, M: int, n_pix: int):
+    """[N, n_pix, M] bilinear weights of one axis in aligned mode (aligned_geometry / aligned_tap)."""
+    finite = op.Not(op.IsNaN(op.Mul(op.Add(lo, hi), _const_f(op, 0.0))))
+    ok = op.And(finite, op.Greater(hi, lo))
+    col = op.Constant(value_ints=[1])
+    lo_c, hi_c = op.Unsqueeze(lo, col), op.Unsqueeze(hi, col)
+    one = op.Constant(value_int=1)
+    pix = op.Cast(op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=n_pix), one),
+                               op.Constant(value_ints=[0])), to=_FLOAT)
+    g = op.Sub(op.Mul(op.Div(op.Sub(op.Add(pix, _const_f(op, 0.5)), lo_c), op.Sub(hi_c, lo_c)), _const_f(op, 2.0)),
+               _const_f(op, 1.0))
+    coord = op.Div(op.Sub(op.Mul(op.Add(g, _const_f(op, 1.0)), _const_f(op, float(M))), _const_f(op, 1.0)),
+                   _const_f(op, 2.0))
+    f = op.Floor(coord)
+    valid = op.And(op.Unsqueeze(ok, col),
+                   op.And(op.GreaterOrEqual(f, _const_f(op, -1.0)), op.LessOrEqual(f, _const_f(op, float(M)))))
+    f = op.Where(valid, f, _const_f(op, 0.0))
+    i0 = op.Cast(f, to=_INT64)
+    l1 = op.Where(valid, op.Sub(coord, f), _const_f(op, 0.0))
+    return _axis_matrix(op, i0, op.Add(i0, one), l1, valid, M, 0, M)
+
+
+def _axis_matrix(op, i0, i1, l1, inside, P: int, pad: int, M: int):
+    """Dense [N, n_pix, M] weights: (1 - l1) at tap i0, l1 at tap i1 (indices into the padded
+    axis of P cells, of which [pad, pad + M) are the mask), zero where not ``inside``."""
+    q = op.Reshape(op.Range(op.Constant(value_int=0), op.Constant(value_int=P), op.Constant(value_int=1)),
+                   op.Constant(value_ints=[1, 1, P]))
+    last = op.Constant(value_ints=[2])
+    w0 = op.Mul(op.Cast(op.Equal(op.Unsqueeze(i0, last), q), to=_FLOAT),
+                op.Unsqueeze(op.Sub(_const_f(op, 1.0), l1), last))
+    w1 = op.Mul(op.Cast(op.Equal(op.Unsqueeze(i1, last), q), to=_FLOAT), op.Unsqueeze(l1, last))
+    w = op.Mul(op.Add(w0, w1), op.Cast(op.Unsqueeze(inside, last), to=_FLOAT))
+    return op.Slice(w, [pad], [pad + M], [2]) if pad else w
+
+
+def paste_masks_to_onnx(masks, boxes, image_height, image_width, padding, threshold, aligned):
+    """Each canvas is Wy @ mask @ Wx^T, with the bilinear weights of the kernels' geometry
+    (dense [N, H, M] and [N, W, M] matrices): MatMuls instead of a loop over masks."""
+    import numpy as np
+
+    op = _op()
+    M = masks.shape[1]
+    if not isinstance(M, int):
+        raise ValueError("instseg::paste_masks to ONNX: the mask size M must be static")
+    m = op.Cast(masks, to=_FLOAT)
+    b = op.Cast(boxes, to=_FLOAT)
+    x0, y0, x1, y1 = (op.Squeeze(op.Slice(b, [i], [i + 1], [1]), [1]) for i in range(4))
+    # A box with a non-finite coordinate pastes nothing (either axis' weights are zero).
+    if aligned:
+        wy = _aligned_axis_weights(op, y0, y1, M, int(image_height))
+        wx = _aligned_axis_weights(op, x0, x1, M, int(image_width))
+    else:
+        wy = _tv_axis_weights(op, y0, y1, M, int(padding), int(image_height))
+        wx = _tv_axis_weights(op, x0, x1, M, int(padding), int(image_width))
+    finite_box = op.Not(op.IsNaN(op.ReduceSum(op.Mul(b, _const_f(op, 0.0)), op.Constant(value_ints=[1]),
+                                              keepdims=0)))
+    wy = op.Mul(wy, op.Cast(op.Reshape(finite_box, op.Constant(value_ints=[-1, 1, 1])), to=_FLOAT))
+    out = op.MatMul(op.MatMul(wy, m), op.Transpose(wx, perm=[0, 2, 1]))  # [N, H, W]
+    if threshold is not None:
+        return op.GreaterOrEqual(out, _const_f(op, float(np.float32(threshold))))
+    return op.CastLike(out, masks)
+
+
 def translation_table() -> Dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the instseg
     ops that have an ONNX translation."""
@@ -151,6 +247,7 @@ def translation_table() -> Dict[Callable, Callable]:
         torch.ops.instseg.roi_align.default: roi_align_to_onnx,
         torch.ops.instseg.multilevel_roi_align.default: multilevel_roi_align_to_onnx,
         torch.ops.instseg.nms.default: nms_to_onnx,
+        torch.ops.instseg.paste_masks.default: paste_masks_to_onnx,
     }
 
 
@@ -164,3 +261,31 @@ def export(model, args=(), f=None, *, custom_translation_table: Optional[Dict[Ca
     if not kwargs["dynamo"]:
         raise ValueError("instseg_ops.onnx.export: only the torch.export-based exporter (dynamo=True) is supported")
     return torch.onnx.export(model, args, f, custom_translation_table=table, **kwargs)
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Adds the translations to onnxscript's torchlib registry, which
+    ``torch.onnx.export(..., dynamo=True)`` reads on every export, so that a plain export
+    (without ``custom_translation_table``) translates the instseg ops too. Called when this
+    module is imported; returns False when onnxscript is not installed or its registry API
+    is not the one this was written against (then pass :func:`translation_table` instead)."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from onnxscript.function_libs.torch_lib.registration import torch_op
+    except ImportError:
+        return False
+    for name, fn in (("instseg::roi_align", roi_align_to_onnx),
+                     ("instseg::multilevel_roi_align", multilevel_roi_align_to_onnx),
+                     ("instseg::nms", nms_to_onnx),
+                     ("instseg::paste_masks", paste_masks_to_onnx)):
+        torch_op(name, trace_only=True)(fn)
+    _registered = True
+    return True
+
+
+register()

@@ -326,14 +326,20 @@ def test_roi_align_quantized_batches_and_float_rois(seed, dtype):
 # ONNX (torch.onnx.export with the torch.export-based exporter; run with onnxruntime)
 
 
-def _onnx_session(model, args, dynamic_shapes):
+def _onnx_session(model, args, dynamic_shapes, plain=False):
+    """``plain``: torch.onnx.export itself (the translations registered on import of
+    instseg_ops.onnx); else instseg_ops.onnx.export (passes them as custom_translation_table)."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     import instseg_ops.onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = instseg_ops.onnx.export(model, args, dynamic_shapes=dynamic_shapes, verbose=False)
+        if plain:
+            assert instseg_ops.onnx.register()
+            program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+        else:
+            program = instseg_ops.onnx.export(model, args, dynamic_shapes=dynamic_shapes, verbose=False)
     return ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -414,7 +420,7 @@ def test_onnx_nms(seed):
         return rand_boxes(n, 40, lo=6.0), torch.rand(n), torch.randint(0, 4, (n,)) * 3 - 2
 
     n = Dim("n")
-    session = _onnx_session(model, inputs(30), ({0: n}, {0: n}, {0: n}))
+    session = _onnx_session(model, inputs(30), ({0: n}, {0: n}, {0: n}), plain=True)
     for trial in range(3):
         boxes, scores, idxs = inputs(60 + 20 * trial)
         if trial == 2:
@@ -427,3 +433,40 @@ def test_onnx_nms(seed):
         assert want[0].numel() < boxes.shape[0] - 5  # boxes were suppressed
         for g, w in zip(got, want):
             assert_same(torch.from_numpy(g), w)
+
+
+class _PasteVariants(nn.Module):
+    def forward(self, masks, boxes):
+        return (paste_masks(masks, boxes, (37, 45)), paste_masks(masks[:, None], boxes, (37, 45), 2, 0.5),
+                paste_masks(masks, boxes, (30, 28), 1, None, True), paste_masks(masks, boxes, (37, 45), 1, 0.3, True))
+
+
+def test_onnx_paste_masks(seed):
+    from torch.export import Dim
+
+    model = _PasteVariants()
+
+    def inputs(n):
+        boxes = rand_boxes(n, 60, lo=0.5) - 8  # some boxes cross the image borders
+        return torch.rand(n, 9, 9), boxes
+
+    n = Dim("n")
+    session = _onnx_session(model, inputs(6), ({0: n}, {0: n}))
+    for count in (20, 33):
+        masks, boxes = inputs(count)
+        boxes[3, 0] = float("nan")  # pastes nothing
+        got = _onnx_run(session, (masks, boxes))
+        want = model(masks, boxes)
+        for g, w in zip(got, want):
+            g = torch.from_numpy(g)
+            assert g.dtype == w.dtype and g.shape == w.shape
+            if w.dtype == torch.bool:
+                # equal except where the value is within float rounding of the threshold
+                if w is want[1]:
+                    probs, thr = paste_masks(masks, boxes, (37, 45), 2), 0.5
+                else:
+                    probs, thr = paste_masks(masks, boxes, (37, 45), 1, None, True), 0.3
+                near = (probs - thr).abs() < 1e-5
+                assert torch.equal(g[~near], w[~near])
+            else:
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
