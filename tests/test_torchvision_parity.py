@@ -470,3 +470,36 @@ def test_onnx_paste_masks(seed):
                 assert torch.equal(g[~near], w[~near])
             else:
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
+class _Detections(nn.Module):
+    """The Mask R-CNN's output dict for one image, as a tuple (ONNX outputs are flat)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor):
+        r = self.model([image])[0]
+        return r["boxes"], r["labels"], r["scores"], r["masks"]
+
+
+def test_onnx_mask_rcnn_end_to_end(seed):
+    """The whole eval-mode model (transform, backbone, RPN with batched NMS, FPN RoIAlign,
+    heads, per-class NMS, mask paste) exports unchanged and gives the same detections."""
+    from instseg_ops.models import maskrcnn_resnet_fpn
+
+    model = maskrcnn_resnet_fpn(depth=18, num_classes=5, min_size=128, max_size=128, rpn_pre_nms_top_n_test=100,
+                                rpn_post_nms_top_n_test=50, box_score_thresh=0.0, box_detections_per_img=20).eval()
+    wrapped = _Detections(model)
+    session = _onnx_session(wrapped, (torch.rand(3, 128, 128),), None)
+    for _ in range(2):
+        image = torch.rand(3, 128, 128)  # fresh image: the number of proposals and detections is data-dependent
+        with torch.no_grad():
+            want = wrapped(image)
+        got = [torch.from_numpy(g) for g in _onnx_run(session, (image,))]
+        assert [g.shape for g in got] == [w.shape for w in want]
+        assert torch.equal(got[1], want[1])  # labels
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-3)  # boxes (pixels)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-5)  # scores
+        torch.testing.assert_close(got[3], want[3], rtol=0, atol=1e-3)  # pasted mask probabilities
