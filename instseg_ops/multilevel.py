@@ -76,8 +76,12 @@ def assign_levels(
         ((h, w) per image, a list or Tensor[N, 2]).
     Both are clamped to ``[min_level, max_level]``; boxes with a NaN area go to
     ``min_level``. Computed with elementwise ops only, in the boxes' dtype for ``"fpn"`` (as
-    torchvision does) and in at least float32 for ``"scale_adaptive"``.
+    torchvision does) and in at least float32 for ``"scale_adaptive"``. Scriptable, and a leaf of
+    ``torch.fx.symbolic_trace``.
     """
+    if has_torch_function_variadic(boxes, image_sizes):
+        return handle_torch_function(assign_levels, (boxes, image_sizes), boxes, min_level, max_level, rule,
+                                     canonical_scale, canonical_level, eps, image_sizes)
     if rule != "fpn" and rule != "scale_adaptive":
         raise ValueError(f"assign_levels: rule must be one of ('fpn', 'scale_adaptive'), got '{rule}'")
     if max_level < min_level:
@@ -188,6 +192,7 @@ def _multiscale_roi_align(x: Dict[str, Tensor], boxes: List[Tensor], image_shape
                                 lvl_max, canonical_scale, canonical_level, 1e-6, image_shapes, deterministic)
 
 
+torch.fx.wrap("assign_levels")
 torch.fx.wrap("multilevel_roi_align")
 torch.fx.wrap("_multiscale_roi_align")
 

@@ -206,9 +206,11 @@ class _UsesFunctions(nn.Module):
         keep = batched_nms(boxes, scores, idxs, 0.5)
         keep2 = instseg_ops.nms(boxes, scores, 0.3, 10)
         kept, kept_scores = soft_nms(boxes, scores)
+        levels = instseg_ops.assign_levels(boxes, 2, 5)
+        multi = multilevel_roi_align([x, x[:, :, ::2, ::2]], rois, 2, [0.5, 0.25], 2)
         canvas = paste_masks(masks, boxes, (40, 40))
         crops, regions = paste_masks_crops(masks, boxes, (40, 40), 1, 0.5)
-        return pooled, keep, keep2, kept, kept_scores, canvas, crops, regions
+        return pooled, keep, keep2, kept, kept_scores, levels, multi, canvas, crops, regions
 
 
 def test_fx_symbolic_trace_leaves(seed):
@@ -216,7 +218,8 @@ def test_fx_symbolic_trace_leaves(seed):
     gm = torch.fx.symbolic_trace(model)
     # (the target may be torch.fx.wrap's wrapper of the function)
     targets = [getattr(n.target, "__wrapped__", n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    for fn in (roi_align, batched_nms, nms, soft_nms, paste_masks, paste_masks_crops):
+    for fn in (roi_align, batched_nms, nms, soft_nms, instseg_ops.assign_levels, multilevel_roi_align, paste_masks,
+               paste_masks_crops):
         assert fn in targets, f"{fn.__name__} is not a leaf of the trace"
     x, rois = torch.randn(2, 3, 15, 15), rand_rois(6, 2, 30)
     boxes, scores, idxs = _nms_inputs(30)
