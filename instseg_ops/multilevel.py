@@ -80,8 +80,8 @@ def assign_levels(
     ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(boxes, image_sizes):
-        return handle_torch_function(assign_levels, (boxes, image_sizes), boxes, min_level, max_level, rule,
-                                     canonical_scale, canonical_level, eps, image_sizes)
+        return handle_torch_function(_ORIGINAL["assign_levels"], (boxes, image_sizes), boxes, min_level, max_level,
+                                     rule, canonical_scale, canonical_level, eps, image_sizes)
     if rule != "fpn" and rule != "scale_adaptive":
         raise ValueError(f"assign_levels: rule must be one of ('fpn', 'scale_adaptive'), got '{rule}'")
     if max_level < min_level:
@@ -139,7 +139,7 @@ def multilevel_roi_align(
     Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(features[0], boxes, levels):
-        return handle_torch_function(multilevel_roi_align, (features[0], boxes, levels), features, boxes,
+        return handle_torch_function(_ORIGINAL["multilevel_roi_align"], (features[0], boxes, levels), features, boxes,
                                      output_size, spatial_scales, sampling_ratio, aligned, levels, rule, min_level,
                                      max_level, canonical_scale, canonical_level, eps, image_sizes, deterministic)
     features = list(features)
@@ -304,3 +304,7 @@ def _backward_backward(ctx, grad_grads):
 
 torch.library.register_autograd("instseg::_multilevel_roi_align_backward", _backward_backward,
                                 setup_context=_backward_setup_context)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"assign_levels": assign_levels, "multilevel_roi_align": multilevel_roi_align}

@@ -25,7 +25,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_output: Optiona
     Scriptable (``torch.jit.script``), and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(boxes, scores):
-        return handle_torch_function(nms, (boxes, scores), boxes, scores, iou_threshold, max_output, score_threshold)
+        return handle_torch_function(_ORIGINAL["nms"], (boxes, scores), boxes, scores, iou_threshold, max_output,
+                                     score_threshold)
     return torch.ops.instseg.nms(boxes, scores, None, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),
                                  None if score_threshold is None else float(score_threshold))
@@ -45,8 +46,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Scriptable (``torch.jit.script``), and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(boxes, scores, idxs):
-        return handle_torch_function(batched_nms, (boxes, scores, idxs), boxes, scores, idxs, iou_threshold,
-                                     max_output, score_threshold)
+        return handle_torch_function(_ORIGINAL["batched_nms"], (boxes, scores, idxs), boxes, scores, idxs,
+                                     iou_threshold, max_output, score_threshold)
     if scores is None or idxs is None:
         # torchvision returns an empty result for empty boxes before looking at the rest.
         # (Not tested for tensors: boxes.numel() would be a data-dependent guard under compile.)
@@ -92,8 +93,8 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: f
     Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(boxes, scores):
-        return handle_torch_function(soft_nms, (boxes, scores), boxes, scores, iou_threshold, sigma, score_threshold,
-                                     method)
+        return handle_torch_function(_ORIGINAL["soft_nms"], (boxes, scores), boxes, scores, iou_threshold, sigma,
+                                     score_threshold, method)
     if method == "linear":
         code = 0
     elif method == "gaussian":
@@ -122,3 +123,7 @@ def _no_context(ctx, inputs, output):
 
 
 torch.library.register_autograd("instseg::soft_nms", _soft_nms_backward, setup_context=_no_context)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"nms": nms, "batched_nms": batched_nms, "soft_nms": soft_nms}

@@ -23,8 +23,8 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], paddi
     Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(masks, boxes):
-        return handle_torch_function(paste_masks, (masks, boxes), masks, boxes, image_size, padding, threshold,
-                                     aligned)
+        return handle_torch_function(_ORIGINAL["paste_masks"], (masks, boxes), masks, boxes, image_size, padding,
+                                     threshold, aligned)
     masks = _squeeze_channel(masks)
     h, w = int(image_size[0]), int(image_size[1])
     return torch.ops.instseg.paste_masks(masks, boxes, h, w, int(padding),
@@ -46,7 +46,7 @@ def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
     Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
     if has_torch_function_variadic(masks, boxes):
-        return handle_torch_function(paste_masks_crops, (masks, boxes), masks, boxes, image_size, padding,
+        return handle_torch_function(_ORIGINAL["paste_masks_crops"], (masks, boxes), masks, boxes, image_size, padding,
                                      threshold, aligned)
     masks = _squeeze_channel(masks)
     h, w = int(image_size[0]), int(image_size[1])
@@ -261,3 +261,7 @@ def _crops_backward(ctx, grad, _grad_regions, _grad_offsets):
 
 torch.library.register_autograd("instseg::paste_masks", _paste_backward, setup_context=_paste_setup)
 torch.library.register_autograd("instseg::paste_masks_crops", _crops_backward, setup_context=_crops_setup)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"paste_masks": paste_masks, "paste_masks_crops": paste_masks_crops}

@@ -113,7 +113,7 @@ def roi_align(
     """
     if has_torch_function_variadic(input, boxes):
         # torch.fx proxies (and other tensor-likes) record this call as one node.
-        return handle_torch_function(roi_align, (input, boxes), input, boxes, output_size, spatial_scale,
+        return handle_torch_function(_ORIGINAL["roi_align"], (input, boxes), input, boxes, output_size, spatial_scale,
                                      sampling_ratio, aligned, deterministic)
     rois = boxes_to_rois(boxes, input)
     ph, pw = _pair(output_size)
@@ -238,3 +238,7 @@ def _roi_align_quantized(input, rois, spatial_scale, pooled_height, pooled_width
 
 
 torch.library.impl("instseg::roi_align", "QuantizedCPU")(_roi_align_quantized)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"roi_align": roi_align}

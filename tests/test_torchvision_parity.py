@@ -23,7 +23,7 @@ from instseg_ops import (MultiScaleRoIAlign, RoIAlign, batched_nms, crops_to_can
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated",
                                         "ignore:`torch.jit.save` is deprecated", "ignore:`torch.jit.load` is deprecated",
                                         "ignore:.*TorchScript.*:DeprecationWarning", "ignore::FutureWarning",
-                                        "ignore:torch.quantize_per_tensor:UserWarning")
+                                        "ignore:torch.quantize_per_tensor:UserWarning", "ignore::torch.jit.TracerWarning")
 
 
 def _script(obj):
@@ -270,6 +270,35 @@ def test_create_feature_extractor(seed):
         head = torch.cat([a.flatten(1), b.flatten(1)], 1)
     torch.testing.assert_close(got["head"], head, rtol=1e-5, atol=1e-5)
     assert_same(got["out"], model(x, boxes))
+    # torchvision's own tests script the extracted model: the FX nodes point at the functions
+    scripted = _script(extractor)
+    x, boxes = torch.randn(2, 3, 16, 16), [rand_boxes(5, 16), rand_boxes(2, 16)]
+    with torch.no_grad():
+        assert_same(scripted(x, boxes)["head"], extractor(x, boxes)["head"])
+
+
+def test_script_fx_traced_functions(seed):
+    gm = _script(torch.fx.symbolic_trace(_UsesFunctions()))
+    x, rois = torch.randn(2, 3, 15, 15), rand_rois(6, 2, 30)
+    boxes, scores, idxs = _nms_inputs(30)
+    masks = torch.rand(30, 7, 7)
+    assert_same(gm(x, rois, boxes, scores, idxs, masks), _UsesFunctions()(x, rois, boxes, scores, idxs, masks))
+
+
+class _TracedNms(nn.Module):
+    def forward(self, boxes, scores, idxs):
+        return batched_nms(boxes, scores, idxs, 0.5), nms(boxes, scores, 0.3)
+
+
+def test_jit_trace(seed):
+    # torch.jit.trace records the op calls; the traced module runs on inputs of other sizes
+    pool = RoIAlign((3, 2), 0.5, 2, aligned=True)
+    traced = torch.jit.trace(pool, (torch.randn(2, 3, 10, 10), rand_rois(5, 2, 20)))
+    x, rois = torch.randn(2, 3, 12, 9), rand_rois(9, 2, 20)
+    assert_same(_save_load(traced)(x, rois), pool(x, rois))
+    traced = torch.jit.trace(_TracedNms(), _nms_inputs(30))
+    inputs = _nms_inputs(70)
+    assert_same(traced(*inputs), _TracedNms()(*inputs))
 
 
 # ---------------------------------------------------------------------------
