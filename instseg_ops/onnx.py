@@ -20,13 +20,16 @@ this module maps those nodes to ONNX (written with onnxscript, imported only her
   ``idxs`` value for ``batched_nms``), then sorted as ``nms`` sorts (score descending,
   ties by lower index). Boxes with a non-finite coordinate or a NaN score are masked out
   first, as the op drops them.
+- ``instseg::paste_masks`` -> per mask ``Wy @ mask @ Wx^T`` (``MatMul``) with dense bilinear
+  weights built from the kernels' float32 geometry (both modes).
 
 Differences from eager (see the README): out-of-range batch or level indices are not
 checked; a NaN box is not zeroed; in NMS the IoU threshold is compared in float32 (the op
 compares in float64), boxes are used in float32 (also float64 ones), boxes with
 ``x1 > x2`` are normalised by onnxruntime (the op uses the signed area, as torchvision),
 and boxes with a score of ``-inf`` are dropped (the op keeps them, last).
-``soft_nms`` and the paste ops have no ONNX translation.
+``soft_nms`` and ``paste_masks_crops`` have no ONNX translation. ``roi_align`` and ``nms`` are
+also registered for the TorchScript-based exporter (``dynamo=False``, opset >= 16).
 """
 from typing import Callable, Dict, Optional
 
@@ -289,3 +292,95 @@ def register() -> bool:
 
 
 register()
+
+
+# ---------------------------------------------------------------------------
+# The TorchScript-based exporter (torch.onnx.export(..., dynamo=False)), as torchvision
+# registers its ops for it: roi_align and nms, opset 16 and newer (RoiAlign's
+# coordinate_transformation_mode needs 16). Same graphs as above, written with g.op.
+
+_LEGACY_OPSET = 16
+
+
+def _legacy_const(g, value, dtype):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _legacy_roi_align(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                      deterministic=None):
+    from torch.onnx.symbolic_helper import _maybe_get_const
+
+    st = input.type().scalarType() if input.type().kind() == "TensorType" else None
+    dt = _DOUBLE if st == "Double" else _FLOAT
+    x = input if st in ("Float", "Double") else g.op("Cast", input, to_i=dt)
+    i0, i1, i5 = (_legacy_const(g, [v], torch.long) for v in (0, 1, 5))
+    batch = g.op("Cast", g.op("Squeeze", g.op("Slice", rois, i0, i1, i1), i1), to_i=_INT64)
+    coords = g.op("Cast", g.op("Slice", rois, i1, i5, i1), to_i=dt)
+    out = g.op("RoiAlign", x, coords, batch,
+               coordinate_transformation_mode_s="half_pixel" if _maybe_get_const(aligned, "b") else
+               "output_half_pixel", mode_s="avg", output_height_i=_maybe_get_const(pooled_height, "i"),
+               output_width_i=_maybe_get_const(pooled_width, "i"),
+               sampling_ratio_i=max(int(_maybe_get_const(sampling_ratio, "i")), 0),
+               spatial_scale_f=_maybe_get_const(spatial_scale, "f"))
+    return out if st in ("Float", "Double") else g.op("CastLike", out, input)
+
+
+def _legacy_nms(g, boxes, scores, idxs, iou_threshold, max_output=None, score_threshold=None):
+    from torch.onnx.symbolic_helper import _is_none, _maybe_get_const
+
+    b = g.op("Cast", boxes, to_i=_FLOAT)
+    s = g.op("Cast", scores, to_i=_FLOAT)
+    # x * 0 is NaN for inf and NaN; the MatMul with ones sums the four coordinates.
+    coords_nan = g.op("IsNaN", g.op("MatMul", g.op("Mul", b, _legacy_const(g, 0.0, torch.float)),
+                                    _legacy_const(g, [1.0, 1.0, 1.0, 1.0], torch.float)))
+    bad = g.op("Or", coords_nan, g.op("IsNaN", s))
+    if score_threshold is not None and not _is_none(score_threshold):
+        thr = float(_maybe_get_const(score_threshold, "f"))
+        bad = g.op("Or", bad, g.op("Less", g.op("Cast", scores, to_i=_DOUBLE),
+                                   _legacy_const(g, thr, torch.float64)))
+    neg_inf = _legacy_const(g, float("-inf"), torch.float)
+    s = g.op("Where", bad, neg_inf, s)
+    ax0, ax1 = _legacy_const(g, [0], torch.long), _legacy_const(g, [1], torch.long)
+    if idxs is None or _is_none(idxs):
+        per_class = g.op("Unsqueeze", s, _legacy_const(g, [0, 1], torch.long))
+    else:
+        classes, _, inverse, _ = g.op("Unique", g.op("Cast", idxs, to_i=_INT64), sorted_i=1, outputs=4)
+        n_cls = g.op("Squeeze", g.op("Shape", classes), ax0)
+        rng = g.op("Range", _legacy_const(g, 0, torch.long), n_cls, _legacy_const(g, 1, torch.long))
+        member = g.op("Equal", g.op("Unsqueeze", rng, ax1), g.op("Unsqueeze", inverse, ax0))
+        per_class = g.op("Unsqueeze", g.op("Where", member, g.op("Unsqueeze", s, ax0), neg_inf), ax0)
+    n = g.op("Slice", g.op("Shape", b), ax0, ax1, ax0)
+    selected = g.op("NonMaxSuppression", g.op("Unsqueeze", b, ax0), per_class, n,
+                    _legacy_const(g, [float(_maybe_get_const(iou_threshold, "f"))], torch.float),
+                    _legacy_const(g, [-_FLOAT_MAX], torch.float))
+    keep = g.op("Reshape", g.op("Slice", selected, _legacy_const(g, [2], torch.long),
+                                _legacy_const(g, [3], torch.long), ax1), _legacy_const(g, [-1], torch.long))
+    m = g.op("Shape", keep)
+    keep, _ = g.op("TopK", keep, m, largest_i=0, sorted_i=1, outputs=2)
+    _, order = g.op("TopK", g.op("Gather", s, keep, axis_i=0), m, largest_i=1, sorted_i=1, outputs=2)
+    keep = g.op("Gather", keep, order, axis_i=0)
+    limit = -1 if max_output is None or _is_none(max_output) else int(_maybe_get_const(max_output, "i"))
+    if limit >= 0:
+        keep = g.op("Slice", keep, ax0, _legacy_const(g, [limit], torch.long), ax0)
+    return keep
+
+
+_legacy_registered = False
+
+
+def register_legacy() -> bool:
+    """Registers roi_align and nms for ``torch.onnx.export(..., dynamo=False)`` (opset >= 16).
+    Called on import; False when this torch has no TorchScript-based exporter."""
+    global _legacy_registered
+    if _legacy_registered:
+        return True
+    try:
+        torch.onnx.register_custom_op_symbolic("instseg::roi_align", _legacy_roi_align, _LEGACY_OPSET)
+        torch.onnx.register_custom_op_symbolic("instseg::nms", _legacy_nms, _LEGACY_OPSET)
+    except (AttributeError, ImportError, RuntimeError):
+        return False
+    _legacy_registered = True
+    return True
+
+
+register_legacy()

@@ -542,3 +542,43 @@ def test_onnx_mask_rcnn_end_to_end(seed):
         torch.testing.assert_close(got[0], want[0][match], rtol=1e-5, atol=1e-3)  # boxes (pixels)
         torch.testing.assert_close(got[2], want[2][match], rtol=1e-4, atol=1e-5)  # scores
         torch.testing.assert_close(got[3], want[3][match], rtol=0, atol=1e-3)  # pasted mask probabilities
+
+
+class _LegacyVariants(nn.Module):
+    def forward(self, x, rois, x16, boxes, scores, idxs):
+        return (roi_align(x, rois, 3, 0.5, 2, True), roi_align(x, rois, (2, 4), 0.5, -1, False),
+                roi_align(x16, rois, 3, 0.5, 2, True), nms(boxes, scores, 0.5), batched_nms(boxes, scores, idxs, 0.375),
+                nms(boxes, scores, 0.25, 7, 0.25))
+
+
+@pytest.mark.parametrize("opset", [16, 18])
+def test_onnx_torchscript_exporter(seed, opset):
+    """torch.onnx.export(..., dynamo=False), for which torchvision registers its ops too."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import instseg_ops.onnx
+
+    assert instseg_ops.onnx.register_legacy()
+    model = _LegacyVariants()
+
+    def inputs(k, n):
+        return (torch.randn(2, 3, 10, 12), rand_rois(k, 2, 20), torch.randn(2, 3, 10, 12).half(),
+                rand_boxes(n, 40, lo=6.0), torch.rand(n), torch.randint(0, 4, (n,)) * 3)
+
+    names = ["x", "rois", "x16", "boxes", "scores", "idxs"]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs(5, 30), buf, dynamo=False, opset_version=opset, input_names=names,
+                          dynamic_axes={"rois": {0: "k"}, "boxes": {0: "n"}, "scores": {0: "n"}, "idxs": {0: "n"}})
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    for k, n in ((9, 60), (14, 45)):
+        args = inputs(k, n)
+        got = session.run(None, {name: a.numpy() for name, a in zip(names, args)})
+        want = model(*args)
+        for g, w in zip(got[:3], want[:3]):
+            tol = 2e-3 if w.dtype == torch.float16 else 2e-5
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=tol, atol=tol)
+        assert want[3].numel() < n - 5  # boxes were suppressed
+        for g, w in zip(got[3:], want[3:]):
+            assert_same(torch.from_numpy(g), w)
