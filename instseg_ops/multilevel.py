@@ -8,14 +8,18 @@ every RoI is computed with elementwise tensor ops (no sync) and one
 check copies four numbers to the host once, except during CUDA graph capture).
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .roi_align import BoxesArg, _memory_format, _pair, _sampling_ratio, boxes_to_rois, is_channels_last, roi_align
 
 RULES = ("fpn", "scale_adaptive")
+# (h, w) per image: a Tensor[N, 2] or a list of pairs (TorchScript: List[Tuple[int, int]]).
+ImageSizes = Union[Tensor, List[Tuple[int, int]]]
 
 
 def _boxes_xyxy(boxes: BoxesArg) -> Tensor:
@@ -24,16 +28,19 @@ def _boxes_xyxy(boxes: BoxesArg) -> Tensor:
             return boxes[:, 1:]
         if boxes.dim() == 2 and boxes.shape[1] == 4:
             return boxes
-        raise ValueError(f"assign_levels: boxes must be Tensor[K, 4], Tensor[K, 5] or a list, got {tuple(boxes.shape)}")
-    return torch.cat(list(boxes), dim=0)
+        raise ValueError(f"assign_levels: boxes must be Tensor[K, 4], Tensor[K, 5] or a list, got {boxes.shape}")
+    return torch.cat(boxes, dim=0)
 
 
-def _image_area_per_box(boxes: BoxesArg, image_sizes, dtype: torch.dtype) -> Tensor:
+def _image_area_per_box(boxes: BoxesArg, image_sizes: ImageSizes, dtype: torch.dtype) -> Tensor:
     """Area (h * w), in ``dtype``, of the image each box belongs to."""
     if isinstance(image_sizes, Tensor):
         sizes = image_sizes
     else:
-        sizes = torch.tensor([[float(h), float(w)] for h, w in image_sizes])
+        hw: List[List[float]] = []
+        for size in image_sizes:
+            hw.append([float(size[0]), float(size[1])])
+        sizes = torch.tensor(hw)
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError("assign_levels: the scale_adaptive rule needs Tensor[K, 5] boxes (with batch indices) "
@@ -44,8 +51,9 @@ def _image_area_per_box(boxes: BoxesArg, image_sizes, dtype: torch.dtype) -> Ten
         return area[boxes[:, 0].nan_to_num(0.0).clamp(0, area.shape[0] - 1).long()]
     if len(boxes) != sizes.shape[0]:
         raise ValueError(f"assign_levels: {len(boxes)} box lists but {sizes.shape[0]} image sizes")
-    parts = [torch.full((b.shape[0],), float(sizes[i, 0] * sizes[i, 1]), dtype=dtype, device=b.device)
-             for i, b in enumerate(boxes)]
+    parts: List[Tensor] = []
+    for i, b in enumerate(boxes):
+        parts.append(torch.full((b.shape[0],), float(sizes[i, 0] * sizes[i, 1]), dtype=dtype, device=b.device))
     return torch.cat(parts)
 
 
@@ -57,7 +65,7 @@ def assign_levels(
     canonical_scale: float = 224.0,
     canonical_level: float = 4.0,
     eps: float = 1e-6,
-    image_sizes: Optional[Union[Tensor, Sequence[Tuple[int, int]]]] = None,
+    image_sizes: Optional[ImageSizes] = None,
 ) -> Tensor:
     """FPN level of each box, as an int64 index relative to ``min_level``.
 
@@ -68,10 +76,14 @@ def assign_levels(
         ((h, w) per image, a list or Tensor[N, 2]).
     Both are clamped to ``[min_level, max_level]``; boxes with a NaN area go to
     ``min_level``. Computed with elementwise ops only, in the boxes' dtype for ``"fpn"`` (as
-    torchvision does) and in at least float32 for ``"scale_adaptive"``.
+    torchvision does) and in at least float32 for ``"scale_adaptive"``. Scriptable, and a leaf of
+    ``torch.fx.symbolic_trace``.
     """
-    if rule not in RULES:
-        raise ValueError(f"assign_levels: rule must be one of {RULES}, got {rule!r}")
+    if has_torch_function_variadic(boxes, image_sizes):
+        return handle_torch_function(_ORIGINAL["assign_levels"], (boxes, image_sizes), boxes, min_level, max_level,
+                                     rule, canonical_scale, canonical_level, eps, image_sizes)
+    if rule != "fpn" and rule != "scale_adaptive":
+        raise ValueError(f"assign_levels: rule must be one of ('fpn', 'scale_adaptive'), got '{rule}'")
     if max_level < min_level:
         raise ValueError(f"assign_levels: max_level {max_level} < min_level {min_level}")
     xyxy = _boxes_xyxy(boxes)
@@ -92,26 +104,30 @@ def assign_levels(
     return k.to(torch.int64) - min_level
 
 
-def _default_levels(spatial_scales: Sequence[float]) -> Tuple[int, int]:
-    return int(round(-math.log2(spatial_scales[0]))), int(round(-math.log2(spatial_scales[-1])))
+def _log2(v: float) -> float:
+    # TorchScript has no math.log2; only rounded to an integer here, so the last bit does not matter.
+    return math.log(v) / math.log(2.0)
+
+
+def _default_levels(spatial_scales: List[float]) -> Tuple[int, int]:
+    return int(round(-_log2(spatial_scales[0]))), int(round(-_log2(spatial_scales[-1])))
 
 
 def multilevel_roi_align(
-    features: Sequence[Tensor],
+    features: List[Tensor],
     boxes: BoxesArg,
-    output_size,
-    spatial_scales: Sequence[float],
+    output_size: BroadcastingList2[int],
+    spatial_scales: List[float],
     sampling_ratio: int = -1,
     aligned: bool = False,
     levels: Optional[Tensor] = None,
-    *,
     rule: str = "fpn",
     min_level: Optional[int] = None,
     max_level: Optional[int] = None,
     canonical_scale: float = 224.0,
     canonical_level: float = 4.0,
     eps: float = 1e-6,
-    image_sizes=None,
+    image_sizes: Optional[ImageSizes] = None,
     deterministic: Optional[bool] = None,
 ) -> Tensor:
     """RoIAlign of every RoI from its FPN level, in one op. Output Tensor[K, C, h, w] in RoI order.
@@ -120,7 +136,12 @@ def multilevel_roi_align(
     their scales (e.g. 1/4, 1/8, ...). ``levels`` (int64 Tensor[K], index into
     ``features``) is computed with :func:`assign_levels` when not given;
     ``min_level``/``max_level`` default to ``-log2`` of the first/last scale.
+    Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
+    if has_torch_function_variadic(features[0], boxes, levels):
+        return handle_torch_function(_ORIGINAL["multilevel_roi_align"], (features[0], boxes, levels), features, boxes,
+                                     output_size, spatial_scales, sampling_ratio, aligned, levels, rule, min_level,
+                                     max_level, canonical_scale, canonical_level, eps, image_sizes, deterministic)
     features = list(features)
     rois = boxes_to_rois(boxes, features[0])
     ph, pw = _pair(output_size)
@@ -130,15 +151,50 @@ def multilevel_roi_align(
         lo = lo if min_level is None else min_level
         hi = hi if max_level is None else max_level
         levels = assign_levels(rois, lo, hi, rule, canonical_scale, canonical_level, eps, image_sizes)
-    det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
-    return torch.ops.instseg.multilevel_roi_align(features, rois, levels, scales, ph, pw, _sampling_ratio(sampling_ratio),
-                                                  bool(aligned), det)
+    det = False  # TorchScript cannot read torch.are_deterministic_algorithms_enabled()
+    if deterministic is None:
+        if not torch.jit.is_scripting():
+            det = torch.are_deterministic_algorithms_enabled()
+    else:
+        det = deterministic
+    return torch.ops.instseg.multilevel_roi_align(features, rois, levels, scales, ph, pw,
+                                                  _sampling_ratio(sampling_ratio), bool(aligned), det)
 
 
-def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
+def _infer_scale(feature: Tensor, original_size: List[int]) -> float:
     # Power of two closest to feature size / image size (along the height).
     approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2.0 ** round(math.log2(approx))
+    return 2.0 ** float(round(_log2(approx)))
+
+
+def _multiscale_roi_align(x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]],
+                          featmap_names: List[str], output_size: BroadcastingList2[int], sampling_ratio: int,
+                          canonical_scale: float, canonical_level: float, rule: str, aligned: bool,
+                          deterministic: Optional[bool]) -> Tensor:
+    """MultiScaleRoIAlign's forward; a function of its own so that torch.fx records it as one node."""
+    # As torchvision: the maps of x (in its order) whose names are listed; others are ignored.
+    features: List[Tensor] = []
+    for k, v in x.items():
+        if k in featmap_names:
+            features.append(v)
+    if len(features) == 0:
+        raise ValueError("MultiScaleRoIAlign: none of featmap_names is in the input")
+    max_h = 0
+    max_w = 0
+    for size in image_shapes:
+        max_h = max(max_h, int(size[0]))
+        max_w = max(max_w, int(size[1]))
+    scales = [_infer_scale(f, [max_h, max_w]) for f in features]
+    if len(features) == 1:
+        return roi_align(features[0], boxes, output_size, scales[0], sampling_ratio, aligned, deterministic)
+    lvl_min, lvl_max = _default_levels(scales)
+    return multilevel_roi_align(features, boxes, output_size, scales, sampling_ratio, aligned, None, rule, lvl_min,
+                                lvl_max, canonical_scale, canonical_level, 1e-6, image_shapes, deterministic)
+
+
+torch.fx.wrap("assign_levels")
+torch.fx.wrap("multilevel_roi_align")
+torch.fx.wrap("_multiscale_roi_align")
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -147,9 +203,10 @@ class MultiScaleRoIAlign(nn.Module):
     Same constructor and ``forward(x, boxes, image_shapes)``; scales are inferred
     from the feature and image sizes as torchvision does. Extra options: the level
     ``rule`` ("fpn" or "scale_adaptive"), ``aligned`` and ``deterministic``.
+    Scriptable; under ``torch.fx.symbolic_trace`` its pooling is one node.
     """
 
-    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *,
+    def __init__(self, featmap_names: List[str], output_size: BroadcastingList2[int], sampling_ratio: int, *,
                  canonical_scale: int = 224, canonical_level: int = 4, rule: str = "fpn",
                  aligned: bool = False, deterministic: Optional[bool] = None):
         super().__init__()
@@ -167,21 +224,9 @@ class MultiScaleRoIAlign(nn.Module):
         self.deterministic = deterministic
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
-        # As torchvision: the maps of x (in its order) whose names are listed; others are ignored.
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if len(features) == 0:
-            raise ValueError("MultiScaleRoIAlign: none of featmap_names is in the input")
-        max_h = max(s[0] for s in image_shapes)
-        max_w = max(s[1] for s in image_shapes)
-        scales = [_infer_scale(f, (max_h, max_w)) for f in features]
-        if len(features) == 1:
-            return roi_align(features[0], boxes, self.output_size, scales[0], self.sampling_ratio, self.aligned,
-                             deterministic=self.deterministic)
-        lvl_min, lvl_max = _default_levels(scales)
-        return multilevel_roi_align(features, boxes, self.output_size, scales, self.sampling_ratio, self.aligned,
-                                    rule=self.rule, min_level=lvl_min, max_level=lvl_max,
-                                    canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
-                                    image_sizes=image_shapes, deterministic=self.deterministic)
+        return _multiscale_roi_align(x, boxes, image_shapes, self.featmap_names, self.output_size,
+                                     self.sampling_ratio, float(self.canonical_scale), float(self.canonical_level),
+                                     self.rule, self.aligned, self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
@@ -259,3 +304,7 @@ def _backward_backward(ctx, grad_grads):
 
 torch.library.register_autograd("instseg::_multilevel_roi_align_backward", _backward_backward,
                                 setup_context=_backward_setup_context)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"assign_levels": assign_levels, "multilevel_roi_align": multilevel_roi_align}

@@ -4,10 +4,11 @@ Drop-ins for ``torchvision.ops.nms`` / ``batched_nms`` with the same kept indice
 a stable order (ties in score break by lower index), per-category NMS without
 the coordinate-offset trick, and optional ``max_output`` / ``score_threshold``.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_output: Optional[int] = None,
@@ -20,7 +21,12 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_output: Optiona
     as torchvision's CPU kernel does (a float32 IoU of 0.30000001 suppresses at 0.3). Boxes with a
     score below ``score_threshold`` (also compared exactly), a NaN score or a non-finite
     coordinate are never kept; scores of +-inf are ordinary (first and last), as in torchvision.
+
+    Scriptable (``torch.jit.script``), and a leaf of ``torch.fx.symbolic_trace``.
     """
+    if has_torch_function_variadic(boxes, scores):
+        return handle_torch_function(_ORIGINAL["nms"], (boxes, scores), boxes, scores, iou_threshold, max_output,
+                                     score_threshold)
     return torch.ops.instseg.nms(boxes, scores, None, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),
                                  None if score_threshold is None else float(score_threshold))
@@ -34,8 +40,20 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     boxes of small inputs by category, which rounds their coordinates, so at IoUs within float32
     rounding of the threshold its answer can differ). ``max_output`` limits the merged result.
     Boolean ``idxs`` are taken as 0/1 and floating ones by their distinct values, as torchvision
-    accepts them.
+    accepts them. Empty ``boxes`` give an empty int64 tensor, also with ``None`` scores and
+    ``idxs``, as in torchvision.
+
+    Scriptable (``torch.jit.script``), and a leaf of ``torch.fx.symbolic_trace``.
     """
+    if has_torch_function_variadic(boxes, scores, idxs):
+        return handle_torch_function(_ORIGINAL["batched_nms"], (boxes, scores, idxs), boxes, scores, idxs,
+                                     iou_threshold, max_output, score_threshold)
+    if scores is None or idxs is None:
+        # torchvision returns an empty result for empty boxes before looking at the rest.
+        # (Not tested for tensors: boxes.numel() would be a data-dependent guard under compile.)
+        if boxes.numel() == 0:
+            return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+        raise ValueError("batched_nms: scores and idxs must be tensors (None only with empty boxes)")
     if idxs.dtype == torch.bool:
         idxs = idxs.long()
     elif idxs.is_floating_point():
@@ -43,6 +61,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return torch.ops.instseg.nms(boxes, scores, idxs, float(iou_threshold),
                                  -1 if max_output is None else int(max_output),
                                  None if score_threshold is None else float(score_threshold))
+
+
+torch.fx.wrap("nms")
+torch.fx.wrap("batched_nms")
+torch.fx.wrap("soft_nms")
 
 
 @torch.library.register_fake("instseg::nms")
@@ -58,7 +81,7 @@ SOFT_NMS_METHODS = {"linear": 0, "gaussian": 1}
 
 
 def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
-             score_threshold: float = 0.001, method: str = "linear"):
+             score_threshold: float = 0.001, method: str = "linear") -> Tuple[Tensor, Tensor]:
     """Soft-NMS (Bodla et al., 2017). Returns ``(keep, kept_scores)``.
 
     Repeatedly keeps the remaining box with the highest current score (ties: lower index)
@@ -67,11 +90,18 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: f
     Boxes whose score is or falls below ``score_threshold`` are dropped, as are boxes with
     a non-finite score or coordinate. ``keep`` (int64) is in selection order, which is by
     decreasing decayed score; ``kept_scores`` are those decayed scores (scores' dtype).
+    Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
-    if method not in SOFT_NMS_METHODS:
-        raise ValueError(f"soft_nms: method must be one of {tuple(SOFT_NMS_METHODS)}, got {method!r}")
-    return torch.ops.instseg.soft_nms(boxes, scores, float(iou_threshold), float(sigma), float(score_threshold),
-                                      SOFT_NMS_METHODS[method])
+    if has_torch_function_variadic(boxes, scores):
+        return handle_torch_function(_ORIGINAL["soft_nms"], (boxes, scores), boxes, scores, iou_threshold, sigma,
+                                     score_threshold, method)
+    if method == "linear":
+        code = 0
+    elif method == "gaussian":
+        code = 1
+    else:
+        raise ValueError(f"soft_nms: method must be 'linear' or 'gaussian', got '{method}'")
+    return torch.ops.instseg.soft_nms(boxes, scores, float(iou_threshold), float(sigma), float(score_threshold), code)
 
 
 @torch.library.register_fake("instseg::soft_nms")
@@ -93,3 +123,7 @@ def _no_context(ctx, inputs, output):
 
 
 torch.library.register_autograd("instseg::soft_nms", _soft_nms_backward, setup_context=_no_context)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"nms": nms, "batched_nms": batched_nms, "soft_nms": soft_nms}

@@ -5,6 +5,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], padding: int = 1,
@@ -19,7 +20,11 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], paddi
     float canvas is allocated (the float32 value is compared with the threshold rounded to float32).
     Boxes with a non-finite coordinate, or whose expanded box is not finite, paste nothing.
     Differentiable with respect to ``masks`` (probability output), as torchvision's paste.
+    Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
+    if has_torch_function_variadic(masks, boxes):
+        return handle_torch_function(_ORIGINAL["paste_masks"], (masks, boxes), masks, boxes, image_size, padding,
+                                     threshold, aligned)
     masks = _squeeze_channel(masks)
     h, w = int(image_size[0]), int(image_size[1])
     return torch.ops.instseg.paste_masks(masks, boxes, h, w, int(padding),
@@ -38,20 +43,24 @@ def paste_masks_crops(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
     0 x 0 crop. Memory is the sum of the regions' areas (in torchvision mode: the clipped
     integer boxes), so hundreds of masks on a 12-megapixel image stay small. The crops are
     views into one buffer; on CUDA the call synchronises once (for the buffer's size).
+    Scriptable, and a leaf of ``torch.fx.symbolic_trace``.
     """
+    if has_torch_function_variadic(masks, boxes):
+        return handle_torch_function(_ORIGINAL["paste_masks_crops"], (masks, boxes), masks, boxes, image_size, padding,
+                                     threshold, aligned)
     masks = _squeeze_channel(masks)
     h, w = int(image_size[0]), int(image_size[1])
     data, regions, offsets = torch.ops.instseg.paste_masks_crops(
         masks, boxes, h, w, int(padding), None if threshold is None else float(threshold), bool(aligned))
     n = regions.shape[0]
-    host = torch.cat([regions.flatten(), offsets]).tolist()  # one device-to-host copy
+    host: List[int] = torch.cat([regions.flatten(), offsets]).tolist()  # one device-to-host copy
     reg, starts = host[:4 * n], host[4 * n:]
     crops = [data[starts[i]:starts[i + 1]].view(reg[4 * i + 3] - reg[4 * i + 1], reg[4 * i + 2] - reg[4 * i])
              for i in range(n)]
     return crops, regions
 
 
-def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int], fill: float = 0,
+def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int, int], fill: float = 0.0,
                     dtype: Optional[torch.dtype] = None) -> Tensor:
     """Assembles ``paste_masks_crops`` output into Tensor[N, H, W] canvases, ``fill`` outside the regions.
 
@@ -62,17 +71,22 @@ def crops_to_canvas(crops: List[Tensor], regions: Tensor, image_size: Tuple[int,
     """
     h, w = int(image_size[0]), int(image_size[1])
     if dtype is None:
-        dtype = crops[0].dtype if crops else torch.float32
+        dtype = crops[0].dtype if len(crops) > 0 else torch.float32
     out = torch.full((len(crops), h, w), fill, dtype=dtype, device=regions.device)
-    for n, (x0, y0, x1, y1) in enumerate(regions.tolist()):
-        out[n, y0:y1, x0:x1] = crops[n]
+    reg: List[List[int]] = regions.tolist()
+    for n, r in enumerate(reg):
+        out[n, r[1]:r[3], r[0]:r[2]] = crops[n]
     return out
+
+
+torch.fx.wrap("paste_masks")
+torch.fx.wrap("paste_masks_crops")
 
 
 def _squeeze_channel(masks: Tensor) -> Tensor:
     if masks.dim() == 4:
         if masks.shape[1] != 1:
-            raise ValueError(f"paste_masks: masks must be Tensor[N, M, M] or [N, 1, M, M], got {tuple(masks.shape)}")
+            raise ValueError(f"paste_masks: masks must be Tensor[N, M, M] or [N, 1, M, M], got {masks.shape}")
         masks = masks[:, 0]
     return masks
 
@@ -247,3 +261,7 @@ def _crops_backward(ctx, grad, _grad_regions, _grad_offsets):
 
 torch.library.register_autograd("instseg::paste_masks", _paste_backward, setup_context=_paste_setup)
 torch.library.register_autograd("instseg::paste_masks_crops", _crops_backward, setup_context=_crops_setup)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"paste_masks": paste_masks, "paste_masks_crops": paste_masks_crops}

@@ -5,22 +5,43 @@ arguments, same numbers) that also takes float16/bfloat16 natively, keeps
 channels_last inputs in place, never reads out of bounds on bad boxes and has a
 deterministic CUDA backward.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-BoxesArg = Union[Tensor, Sequence[Tensor]]
+# What TorchScript understands; in Python any sequence of tensors is taken.
+BoxesArg = Union[Tensor, List[Tensor]]
 
 
-def _pair(output_size) -> Tuple[int, int]:
+def _pair(output_size: BroadcastingList2[int]) -> Tuple[int, int]:
+    # Under TorchScript output_size is already a List[int] (an int is broadcast to two).
     if isinstance(output_size, int):
         return output_size, output_size
-    if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
-        return int(output_size[0]), int(output_size[1])
-    if isinstance(output_size, (list, tuple)) and len(output_size) == 1:
+    if not torch.jit.is_scripting():
+        _check_output_size(output_size)
+    if len(output_size) == 1:
         return int(output_size[0]), int(output_size[0])
-    raise ValueError(f"roi_align: output_size must be an int or a pair of ints, got {output_size!r}")
+    if len(output_size) != 2:
+        raise ValueError("roi_align: output_size must be an int or a pair of ints")
+    return int(output_size[0]), int(output_size[1])
+
+
+@torch.jit.unused
+def _check_output_size(output_size) -> None:
+    if not isinstance(output_size, (list, tuple)) or len(output_size) not in (1, 2):
+        raise ValueError(f"roi_align: output_size must be an int or a pair of ints, got {output_size!r}")
+
+
+@torch.jit.unused
+def _check_boxes_type(boxes) -> None:
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes)}")
+    for i, b in enumerate(boxes):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"roi_align: boxes[{i}] must be a Tensor[L, 4], got {getattr(b, 'shape', type(b))}")
 
 
 def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
@@ -28,26 +49,26 @@ def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(
-                f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {tuple(boxes.shape)}")
+                f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {boxes.shape}")
         return boxes
-    if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes)}")
+    if not torch.jit.is_scripting():
+        _check_boxes_type(boxes)
     if len(boxes) == 0:
         return like.new_zeros((0, 5))
-    parts = []
+    parts: List[Tensor] = []
     for i, b in enumerate(boxes):
-        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
-            raise ValueError(f"roi_align: boxes[{i}] must be a Tensor[L, 4], got {getattr(b, 'shape', type(b))}")
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"roi_align: boxes[{i}] must be a Tensor[L, 4], got shape {b.shape}")
         # At least float32: float16 (bfloat16) cannot hold batch indices above 2048 (256).
         dt = torch.promote_types(b.dtype, torch.float32) if b.is_floating_point() else b.dtype
         parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dt, device=b.device), b.to(dt)], dim=1))
     return torch.cat(parts, dim=0)
 
 
-def _sampling_ratio(v) -> int:
+def _sampling_ratio(v: int) -> int:
     """``int(v)``, refusing values that are not whole numbers (2.5 must not become 2)."""
     if int(v) != v:
-        raise ValueError(f"roi_align: sampling_ratio must be an integer, got {v!r}")
+        raise ValueError(f"roi_align: sampling_ratio must be an integer, got {v}")
     return int(v)
 
 
@@ -59,17 +80,19 @@ def is_channels_last(t: Tensor) -> bool:
 def roi_align(
     input: Tensor,
     boxes: BoxesArg,
-    output_size,
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
-    *,
     deterministic: Optional[bool] = None,
 ) -> Tensor:
     """RoIAlign (He et al., Mask R-CNN), same semantics as ``torchvision.ops.roi_align``.
 
     Args:
         input: Tensor[N, C, H, W], float32/float64/float16/bfloat16, NCHW or channels_last.
+            A quantized (quint8/qint8/qint32, per-tensor) CPU map is pooled as torchvision's
+            is: dequantized, pooled in float32, quantized again with the map's scale and
+            zero point (boxes may be float or quantized).
         boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4]
             (one per image). Any floating dtype; coordinates are used in float32
             (float64 for float64 input).
@@ -79,32 +102,49 @@ def roi_align(
             (``ceil(roi_size / output_size)``).
         aligned: shift boxes by -0.5 pixel (pixel-centre model), no minimum RoI size.
         deterministic: use the deterministic CUDA backward. ``None`` follows
-            ``torch.are_deterministic_algorithms_enabled()``. CPU is always deterministic.
+            ``torch.are_deterministic_algorithms_enabled()`` (False in TorchScript, which
+            cannot read that flag). CPU is always deterministic.
 
     Returns:
         Tensor[K, C, output_size[0], output_size[1]] with the input's dtype and memory format.
+
+    Scriptable (``torch.jit.script``), and a leaf of ``torch.fx.symbolic_trace`` wherever it
+    is called from.
     """
+    if has_torch_function_variadic(input, boxes):
+        # torch.fx proxies (and other tensor-likes) record this call as one node.
+        return handle_torch_function(_ORIGINAL["roi_align"], (input, boxes), input, boxes, output_size, spatial_scale,
+                                     sampling_ratio, aligned, deterministic)
     rois = boxes_to_rois(boxes, input)
     ph, pw = _pair(output_size)
-    det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
-    return torch.ops.instseg.roi_align(input, rois, float(spatial_scale), ph, pw, _sampling_ratio(sampling_ratio), bool(aligned), det)
+    det = False  # TorchScript cannot read torch.are_deterministic_algorithms_enabled()
+    if deterministic is None:
+        if not torch.jit.is_scripting():
+            det = torch.are_deterministic_algorithms_enabled()
+    else:
+        det = deterministic
+    return torch.ops.instseg.roi_align(input, rois, float(spatial_scale), ph, pw, _sampling_ratio(sampling_ratio),
+                                       bool(aligned), det)
+
+
+torch.fx.wrap("roi_align")
 
 
 class RoIAlign(nn.Module):
-    """Module form of :func:`roi_align` (drop-in for ``torchvision.ops.RoIAlign``)."""
+    """Module form of :func:`roi_align` (drop-in for ``torchvision.ops.RoIAlign``); scriptable."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False,
-                 deterministic: Optional[bool] = None):
+    def __init__(self, output_size: BroadcastingList2[int], spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False, deterministic: Optional[bool] = None):
         super().__init__()
         self.output_size = output_size
-        self.spatial_scale = spatial_scale
+        self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.deterministic = deterministic
 
     def forward(self, input: Tensor, rois: BoxesArg) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-                         deterministic=self.deterministic)
+                         self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -179,3 +219,26 @@ def _backward_backward(ctx, grad_grad_input):
 
 torch.library.register_autograd("instseg::_roi_align_backward", _backward_backward,
                                 setup_context=_backward_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Quantized maps (CPU), as torchvision's CPU kernel takes them: dequantize, pool in
+# float32, quantize with the map's scale and zero point. Registered for the
+# QuantizedCPU key, so the float path pays nothing for it.
+
+
+def _roi_align_quantized(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                         deterministic=False):
+    if input.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        raise NotImplementedError(f"roi_align: quantized maps must be quantized per tensor, got {input.qscheme()}")
+    rois = rois.dequantize() if rois.is_quantized else rois
+    out = torch.ops.instseg.roi_align(input.dequantize(), rois, spatial_scale, pooled_height, pooled_width,
+                                      sampling_ratio, aligned, deterministic)
+    return torch.quantize_per_tensor(out, input.q_scale(), input.q_zero_point(), input.dtype)
+
+
+torch.library.impl("instseg::roi_align", "QuantizedCPU")(_roi_align_quantized)
+
+# The functions themselves, for FX nodes (torch.fx.wrap patches this module's globals while
+# tracing, and a node whose target were that patch could not be scripted).
+_ORIGINAL = {"roi_align": roi_align}
