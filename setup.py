@@ -73,7 +73,8 @@ def extensions():
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
-    print(f"instseg_ops: building {'with CUDA kernels (arch ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if with_cuda else 'CPU-only'}")
+    what = f"with CUDA kernels (arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else "CPU-only"
+    print(f"instseg_ops: building {what}")
     return [ext_cls("instseg_ops._C", sources, extra_compile_args=extra, extra_link_args=link)]
 
 

@@ -206,7 +206,7 @@ def run(args):
                                  deterministic_ms=t_det, det_over_atomic=t_det / t_atomic))
                 print(f"{name:9} {dtype_name:9} backward op: atomic {t_atomic:.2f} ms, deterministic {t_det:.2f} ms "
                       f"({t_det / t_atomic:.2f}x)", flush=True)
-            del ins, grad
+            ins = grad = None  # free before the next shape
     return rows
 
 

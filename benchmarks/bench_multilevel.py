@@ -136,7 +136,7 @@ def run_device(device, args, rows):
     repeats = args.repeats or (20 if device == "cuda" else 3)
     dtypes = args.dtypes or (["float16", "bfloat16"] if device == "cuda" else ["float32", "bfloat16"])
     boxes32 = make_boxes()
-    for dtype_name, layout in [(d, l) for d in dtypes for l in args.layouts]:
+    for dtype_name, layout in [(d, lay) for d in dtypes for lay in args.layouts]:
         dtype = base.DTYPES[dtype_name]
         tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         feats = make_features(device, dtype, layout)

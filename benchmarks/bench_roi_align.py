@@ -143,7 +143,7 @@ def device_name(device):
     if not name or name in ("x86_64", "aarch64", "arm", "i386"):
         try:
             with open("/proc/cpuinfo") as f:
-                name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
         except OSError:
             pass
     return name or platform.machine()
@@ -173,7 +173,7 @@ def run_device(device, args, rows):
     impls = {"ours": instseg_ops.roi_align}
     if tv_roi_align is not None:
         impls["tv"] = tv_roi_align
-    for dtype_name, layout in [(d, l) for d in dtypes for l in args.layouts]:
+    for dtype_name, layout in [(d, lay) for d in dtypes for lay in args.layouts]:
         dtype = DTYPES[dtype_name]
         tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         feats = make_features(device, dtype, layout)

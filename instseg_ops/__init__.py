@@ -22,7 +22,8 @@ def cuda_built() -> bool:
 
 
 __all__ = [
-    "roi_align", "RoIAlign", "multilevel_roi_align", "assign_levels", "MultiScaleRoIAlign", "nms", "batched_nms", "soft_nms", "paste_masks",
+    "roi_align", "RoIAlign", "multilevel_roi_align", "assign_levels", "MultiScaleRoIAlign", "nms", "batched_nms",
+    "soft_nms", "paste_masks",
     "paste_masks_crops", "crops_to_canvas", "ms_deform_attn", "MSDeformAttn",
     "cuda_built",
     "__version__",

@@ -127,8 +127,8 @@ def test_equals_per_level_loop_of_roi_align(seed, dtype, layout, aligned):
     ys = [f.clone().requires_grad_() for f in feats]
     ref = torch.empty_like(out)
     for k in range(60):
-        l = int(levels[k])
-        ref[k:k + 1] = roi_align(ys[l], rois[k:k + 1], (5, 4), scales[l], -1, aligned)
+        lev = int(levels[k])
+        ref[k:k + 1] = roi_align(ys[lev], rois[k:k + 1], (5, 4), scales[lev], -1, aligned)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     g = torch.randn_like(out)
     out.backward(g)

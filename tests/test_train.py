@@ -189,7 +189,9 @@ def test_loss_decreases_on_a_repeated_batch(two_image_dir, tmp_path):
     assert recs[0]["config"]["name"] == "tiny_cpu"
     its = [r for r in recs if "losses" in r]
     assert [r["iter"] for r in its] == list(range(1, 25))
-    assert set(its[0]["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} and {"lr", "time", "data_time"} <= set(its[0])
+    assert set(its[0]["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                                     "loss_rpn_box_reg"}
+    assert {"lr", "time", "data_time"} <= set(its[0])
     assert recs[-1].get("done") is True
 
 
