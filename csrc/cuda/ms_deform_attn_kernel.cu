@@ -28,10 +28,6 @@
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,6 +37,7 @@
 #include "../ms_deform_attn_checks.h"
 #include "../ms_deform_attn_common.h"
 #include "../tensor_utils.h"
+#include "cuda_compat.h"
 
 namespace instseg {
 namespace {
@@ -50,9 +47,12 @@ using namespace msda_detail;
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
+// Blocks of a grid-stride launch: enough for one item per thread, at most 2^20
+// (INSTSEG_MSDA_MAX_BLOCKS lowers it, so that tests reach the grid-stride loops).
 inline unsigned int num_blocks(int64_t total, int64_t per_block = kThreads) {
   const int64_t b = (total + per_block - 1) / per_block;
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(b, 1), int64_t(1) << 20));
+  const int64_t cap = std::max<int64_t>(1, cuda_compat::budget("INSTSEG_MSDA_MAX_BLOCKS", int64_t(1) << 20));
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(b, 1), cap));
 }
 
 // Problem sizes passed to the kernels by value.
@@ -68,7 +68,7 @@ inline Dims dims_of(const MsdaSizes& s) { return Dims{s.N, s.S, s.M, s.D, s.Lq, 
 // contribution (level_view) rather than reading out of bounds.
 void check_levels_on_host(const char* op, const at::Tensor& spatial_shapes,
                           const at::Tensor& level_start_index, const MsdaSizes& s) {
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  if (cuda_compat::stream_capturing()) return;
   const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
   const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
   check_level_table(op, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), s.L, s.S);
@@ -232,8 +232,8 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_, const at::Tenso
   const char* op = "ms_deform_attn";
   const MsdaSizes s = check_ms_deform_attn_args(op, value_, spatial_shapes, level_start_index,
                                                 sampling_locations, attention_weights);
-  TORCH_CHECK(value_.is_cuda(), op, ": CUDA kernel got a ", value_.device(), " value");
-  c10::cuda::OptionalCUDAGuard guard(value_.device());
+  TORCH_CHECK(cuda_compat::on_kernel_device(value_), op, ": CUDA kernel got a ", value_.device(), " value");
+  cuda_compat::DeviceGuard guard(value_.device());
   check_levels_on_host(op, spatial_shapes, level_start_index, s);
   at::Tensor out = at::empty({s.N, s.Lq, s.M * s.D}, value_.options());
   const int64_t total = out.numel();
@@ -244,11 +244,11 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_, const at::Tenso
   const at::ScalarType acc_type = acc_dtype(value.scalar_type());
   const at::Tensor loc = sampling_locations.to(acc_type).contiguous();
   const at::Tensor attn = attention_weights.to(acc_type).contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_compat::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+    INSTSEG_LAUNCH((forward_kernel<scalar_t, acc_t>), num_blocks(total), kThreads, 0, stream,
         total, dims_of(s), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
         starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(),
         out.data_ptr<scalar_t>());
@@ -270,14 +270,14 @@ void deterministic_value_grad(const Dims& z, const at::Tensor& go, const at::Ten
   // 32-bit keys sort about twice as fast; int64 when the rows need it.
   if (rows < std::numeric_limits<int32_t>::max()) {
     at::Tensor keys = at::empty({4 * samples}, loc.options().dtype(at::kInt));
-    corner_keys_kernel<acc_t, int32_t><<<num_blocks(samples), kThreads, 0, stream>>>(
+    INSTSEG_LAUNCH((corner_keys_kernel<acc_t, int32_t>), num_blocks(samples), kThreads, 0, stream,
         samples, z, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
         loc.data_ptr<acc_t>(), static_cast<int32_t>(rows), keys.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   } else {
     at::Tensor keys = at::empty({4 * samples}, idx_opts);
-    corner_keys_kernel<acc_t, int64_t><<<num_blocks(samples), kThreads, 0, stream>>>(
+    INSTSEG_LAUNCH((corner_keys_kernel<acc_t, int64_t>), num_blocks(samples), kThreads, 0, stream,
         samples, z, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
         loc.data_ptr<acc_t>(), rows, keys.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -290,7 +290,7 @@ void deterministic_value_grad(const Dims& z, const at::Tensor& go, const at::Ten
           .contiguous();
   order = order.contiguous();
   const int64_t total = grad_value.numel();
-  gather_value_grad_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+  INSTSEG_LAUNCH((gather_value_grad_kernel<scalar_t, acc_t>), num_blocks(total), kThreads, 0, stream,
       total, z, go.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
       loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), offsets.data_ptr<int64_t>(),
       order.data_ptr<int64_t>(), grad_value.data_ptr<scalar_t>());
@@ -305,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const MsdaSizes s = check_ms_deform_attn_args(op, value_, spatial_shapes, level_start_index,
                                                 sampling_locations, attention_weights);
   check_grad_output(op, grad_output, value_, s);
-  TORCH_CHECK(value_.is_cuda(), op, ": CUDA kernel got a ", value_.device(), " value");
-  c10::cuda::OptionalCUDAGuard guard(value_.device());
+  TORCH_CHECK(cuda_compat::on_kernel_device(value_), op, ": CUDA kernel got a ", value_.device(), " value");
+  cuda_compat::DeviceGuard guard(value_.device());
   check_levels_on_host(op, spatial_shapes, level_start_index, s);
   const at::ScalarType acc_type = acc_dtype(value_.scalar_type());
   const at::Tensor value = value_.contiguous();
@@ -321,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const Dims z = dims_of(s);
   const int64_t rows = s.N * s.Lq * s.M;
   const bool any_work = attn.numel() > 0 && s.D > 0;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_compat::current_stream();
   if (!deterministic && any_work)
     at::globalContext().alertNotDeterministic(
         "instseg ms_deform_attn backward on CUDA with deterministic=False");
@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     }
     const unsigned int blocks = num_blocks(rows, kThreads / kWarp);
     if (deterministic) {
-      backward_sample_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
+      INSTSEG_LAUNCH((backward_sample_kernel<scalar_t, acc_t, false>), blocks, kThreads, 0, stream,
           rows, z, go.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
           shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(),
           attn.data_ptr<acc_t>(), nullptr, grad_loc.data_ptr<acc_t>(),
@@ -348,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                                                   stream);
     } else {
       at::Tensor buf = at::zeros(value.sizes(), value.options().dtype(acc_type));
-      backward_sample_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
+      INSTSEG_LAUNCH((backward_sample_kernel<scalar_t, acc_t, true>), blocks, kThreads, 0, stream,
           rows, z, go.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
           shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(),
           attn.data_ptr<acc_t>(), buf.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
@@ -363,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(instseg, CUDA, m) {
+INSTSEG_CUDA_LIBRARY_IMPL(m) {
   m.impl("ms_deform_attn", TORCH_FN(ms_deform_attn_forward_cuda));
   m.impl("_ms_deform_attn_backward", TORCH_FN(ms_deform_attn_backward_cuda));
 }
