@@ -184,7 +184,7 @@ def test_nms_bad_budget_raises(emu, monkeypatch):
 
 # --------------------------------------------------------------------------- soft_nms
 @pytest.mark.parametrize("method", [0, 1])
-@pytest.mark.parametrize("n", [0, 1, 33, 1500])
+@pytest.mark.parametrize("n", [0, 1, 33, 1100])  # 1100 > 1024 threads: strided loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_soft_nms(emu, schedule, method, n, dtype):
     boxes, scores = random_boxes(n, size=200.0, dtype=dtype)

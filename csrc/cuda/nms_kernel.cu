@@ -134,6 +134,9 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
     __syncthreads();
     cur = removed[i / kBlock];
   }
+  // Every thread has read state[0] before thread 0 overwrites it (a chunk that
+  // keeps no box runs no other barrier).
+  __syncthreads();
   if (threadIdx.x == 0) state[0] = count;
 }
 

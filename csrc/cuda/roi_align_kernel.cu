@@ -391,7 +391,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const int64_t K = rois.size(0);
   std::vector<at::Tensor> gins;
   if (K == 0 || N == 0 || C == 0) {
-    for (const Level& l : lv) gins.push_back(at::zeros({N, C, l.H, l.W}, grad.options().memory_format(fmt)));
+    // at::zeros ignores the memory format: empty(...).zero_() keeps it.
+    for (const Level& l : lv) gins.push_back(at::empty({N, C, l.H, l.W}, grad.options().memory_format(fmt)).zero_());
     return gins;
   }
   const cudaStream_t stream = cuda_compat::current_stream();
@@ -444,7 +445,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const at::ScalarType acc_type = acc_dtype(grad.scalar_type());
   std::vector<at::Tensor> bufs;
   for (const Level& l : lv)
-    bufs.push_back(at::zeros({N, C, l.H, l.W}, grad.options().dtype(acc_type).memory_format(fmt)));
+    bufs.push_back(at::empty({N, C, l.H, l.W}, grad.options().dtype(acc_type).memory_format(fmt)).zero_());
   const int64_t total = grad.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "roi_align_backward_cuda", [&] {
