@@ -7,7 +7,9 @@ Built once per process with torch.utils.cpp_extension (ninja, MAX_JOBS from
 the environment) and cached under build/emulation/. With
 INSTSEG_EMU_SANITIZE=address the library is built with AddressSanitizer (the
 process must then be started with libasan and libstdc++ preloaded, see
-scripts/test_emulation_asan.sh)."""
+scripts/test_emulation_asan.sh); with INSTSEG_EMU_SANITIZE=thread, with
+ThreadSanitizer and one OS thread per CUDA thread (scripts/test_emulation_tsan.sh,
+small inputs only, not part of the default test run)."""
 import functools
 import glob
 import os
@@ -17,7 +19,8 @@ import torch
 import instseg_ops  # noqa: F401  (the `instseg` schemas the emulated ops copy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCHEDULES = ["index", "reverse", "random"]
+# INSTSEG_EMU_SCHEDULES (comma-separated) restricts them, e.g. for the ASan run.
+SCHEDULES = [s for s in os.environ.get("INSTSEG_EMU_SCHEDULES", "index,reverse,random").split(",") if s]
 
 
 def sanitizer():
@@ -40,9 +43,9 @@ def load():
     from torch.utils import cpp_extension
 
     san = sanitizer()
-    if san not in ("", "address"):
-        raise RuntimeError(f"INSTSEG_EMU_SANITIZE={san!r}: only 'address' is supported")
-    name = "instseg_emu_asan" if san else "instseg_emu"
+    if san not in ("", "address", "thread"):
+        raise RuntimeError(f"INSTSEG_EMU_SANITIZE={san!r}: 'address', 'thread' or empty")
+    name = {"": "instseg_emu", "address": "instseg_emu_asan", "thread": "instseg_emu_tsan"}[san]
     build_dir = os.path.join(ROOT, "build", "emulation", name)
     src_dir = os.path.join(build_dir, "src")
     os.makedirs(src_dir, exist_ok=True)
@@ -61,6 +64,9 @@ def load():
     if san == "address":
         cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
         ldflags += ["-fsanitize=address"]
+    elif san == "thread":  # one OS thread per CUDA thread (see cuda_emulation.h)
+        cflags += ["-fsanitize=thread", "-g"]
+        ldflags += ["-fsanitize=thread"]
     os.environ.setdefault("MAX_JOBS", "2")
     cpp_extension.load(
         name=name,
@@ -74,7 +80,7 @@ def load():
         verbose=False,
     )
     _define_schemas()
-    if bool(torch.ops.instseg_emu._address_sanitizer()) != (san == "address"):
+    if str(torch.ops.instseg_emu._sanitizer()) != san:
         raise RuntimeError("the loaded emulation library does not match INSTSEG_EMU_SANITIZE")
     return torch.ops.instseg_emu
 

@@ -23,6 +23,9 @@
 #pragma once
 
 #include <c10/util/Exception.h>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <math.h>
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -46,6 +49,17 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+// Under ThreadSanitizer (-fsanitize=thread) the threads of a block are OS
+// threads instead of fibers, synchronised through a mutex, so that TSan sees
+// every access between two barriers as concurrent and names racing lines.
+#if defined(__SANITIZE_THREAD__)
+#define INSTSEG_EMU_THREADS 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define INSTSEG_EMU_THREADS 1
+#endif
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -173,7 +187,6 @@ struct Runtime {
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
-  Fiber* current = nullptr;
   Fiber* starting = nullptr;
   std::function<void()>* body = nullptr;  // runs one CUDA thread of the current launch
   std::exception_ptr error;
@@ -187,6 +200,21 @@ inline Runtime& rt() {
   static Runtime r;
   return r;
 }
+
+// The CUDA thread running on this OS thread.
+inline thread_local Fiber* current = nullptr;
+
+// Thread backend: the block's shared state.
+struct ThreadBlock {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Fiber*> th;
+  int running = 0;
+  bool abort = false;
+  std::exception_ptr error;
+};
+inline ThreadBlock* thread_block = nullptr;
+struct Aborted {};
 
 [[noreturn]] inline void fail(const std::string& msg) { TORCH_CHECK(false, "CUDA emulation: ", msg); }
 
@@ -237,7 +265,7 @@ inline Fiber* fiber(int i) {
 // Runs fiber f until it blocks or finishes its CUDA thread.
 inline void resume(Fiber* f) {
   Runtime& r = rt();
-  r.current = f;
+  current = f;
   threadIdx = f->tid;
 #ifdef INSTSEG_EMU_ASAN
   __sanitizer_start_switch_fiber(&r.sched_fake_stack, f->stack, kStackSize);
@@ -262,11 +290,11 @@ inline void resume(Fiber* f) {
 #ifdef INSTSEG_EMU_ASAN
   __sanitizer_finish_switch_fiber(r.sched_fake_stack, nullptr, nullptr);
 #endif
-  r.current = nullptr;
+  current = nullptr;
 }
 
 inline Fiber& self() {
-  Fiber* f = rt().current;
+  Fiber* f = current;
   TORCH_CHECK(f != nullptr, "CUDA emulation: a device function was called outside a kernel");
   return *f;
 }
@@ -369,6 +397,8 @@ inline std::vector<int> order(int n, Schedule s, std::mt19937_64& rng) {
   return o;
 }
 
+inline bool settle(std::vector<Fiber*>& th);
+
 // Runs one block to completion.
 inline void run_block(int nthreads, const dim3& block, std::mt19937_64& rng) {
   Runtime& r = rt();
@@ -382,15 +412,24 @@ inline void run_block(int nthreads, const dim3& block, std::mt19937_64& rng) {
   }
   const Schedule s = config().schedule;
   for (;;) {
-    bool any_live = false;
     for (int i : order(nthreads, s, rng)) {
       if (th[i]->wait != Wait::Runnable) continue;
       resume(th[i]);
       if (r.error) return;
     }
+    if (!settle(th)) return;
+  }
+}
+
+// Called when no thread of the block runs: releases the next rendezvous
+// (returns true), or returns false when every thread has exited; raises for
+// divergence and deadlock.
+inline bool settle(std::vector<Fiber*>& th) {
+  {
+    bool any_live = false;
     for (Fiber* f : th) any_live |= f->wait != Wait::Done;
-    if (!any_live) return;
-    if (settle_warps(th)) continue;
+    if (!any_live) return false;
+    if (settle_warps(th)) return true;
     // Block barrier: every live thread at the same __syncthreads.
     const Fiber* first = nullptr;
     bool all_at_barrier = true;
@@ -405,7 +444,7 @@ inline void run_block(int nthreads, const dim3& block, std::mt19937_64& rng) {
     if (all_at_barrier) {
       for (Fiber* f : th)
         if (f->wait == Wait::Barrier) f->wait = Wait::Runnable;
-      continue;
+      return true;
     }
     std::string msg = "deadlock: no thread can progress:";
     int shown = 0;
@@ -415,6 +454,68 @@ inline void run_block(int nthreads, const dim3& block, std::mt19937_64& rng) {
     }
     fail(msg);
   }
+}
+
+// Thread backend (ThreadSanitizer builds): the block's threads are OS threads;
+// the last one to block or exit settles the rendezvous under the mutex.
+inline void settle_threads_locked(ThreadBlock& b) {
+  if (b.running > 0 || b.abort) return;
+  try {
+    if (settle(b.th))
+      for (Fiber* f : b.th) b.running += f->wait == Wait::Runnable;
+  } catch (...) {
+    b.error = std::current_exception();
+    b.abort = true;
+  }
+  b.cv.notify_all();
+}
+
+inline void run_block_threads(int nthreads, const dim3& block) {
+  ThreadBlock b;
+  std::vector<std::unique_ptr<Fiber>> recs;
+  for (int i = 0; i < nthreads; ++i) {
+    recs.push_back(std::make_unique<Fiber>());
+    Fiber* f = recs.back().get();
+    f->linear = i;
+    f->tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+    f->wait = Wait::Runnable;
+    b.th.push_back(f);
+  }
+  b.running = nthreads;
+  thread_block = &b;
+  const uint3 bi = blockIdx;
+  const dim3 bd = blockDim, gd = gridDim;
+  std::function<void()>* body = rt().body;
+  std::vector<std::thread> ts;
+  for (int i = 0; i < nthreads; ++i) {
+    ts.emplace_back([&b, bi, bd, gd, body, i] {
+      Fiber* f = b.th[i];
+      current = f;
+      threadIdx = f->tid;
+      blockIdx = bi;
+      blockDim = bd;
+      gridDim = gd;
+      bool was_running = true;
+      try {
+        (*body)();
+      } catch (Aborted&) {
+        was_running = false;  // stopped while waiting: not counted as running
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(b.mu);
+        if (!b.error) b.error = std::current_exception();
+        b.abort = true;
+        b.cv.notify_all();
+      }
+      std::lock_guard<std::mutex> lk(b.mu);
+      f->wait = Wait::Done;
+      if (was_running) --b.running;
+      settle_threads_locked(b);
+      current = nullptr;
+    });
+  }
+  for (std::thread& t : ts) t.join();
+  thread_block = nullptr;
+  if (b.error) std::rethrow_exception(b.error);
 }
 
 inline int threads_of(const dim3& b) { return static_cast<int>(b.x * b.y * b.z); }
@@ -471,7 +572,11 @@ inline void run_grid(const dim3& grid, const dim3& block, size_t smem, std::func
       blockIdx = uint3{static_cast<unsigned>(id % grid.x), static_cast<unsigned>((id / grid.x) % grid.y),
                        static_cast<unsigned>(id / (uint64_t(grid.x) * grid.y))};
       if (smem > 0) std::memset(dyn.get(), 0xff, smem);
+#ifdef INSTSEG_EMU_THREADS
+      run_block_threads(nthreads, block);
+#else
       run_block(nthreads, block, rng);
+#endif
       if (r.error) std::rethrow_exception(r.error);
     }
   } catch (...) {
@@ -515,6 +620,17 @@ T* dynamic_shared(size_t align) {
 // A thread blocks at a rendezvous; the scheduler resumes it when released.
 inline void block_at(Wait w, const char* file, int line) {
   Fiber& f = self();
+  if (thread_block != nullptr) {
+    ThreadBlock& b = *thread_block;
+    std::unique_lock<std::mutex> lk(b.mu);
+    f.wait = w;
+    f.site = Site{file, line};
+    --b.running;
+    settle_threads_locked(b);
+    b.cv.wait(lk, [&] { return f.wait == Wait::Runnable || b.abort; });
+    if (b.abort) throw Aborted{};
+    return;
+  }
   f.wait = w;
   f.site = Site{file, line};
   switch_to_scheduler(&f);

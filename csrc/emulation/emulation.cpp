@@ -26,11 +26,14 @@ void configure(std::string schedule, int64_t seed, int64_t sm_count) {
   instseg_emu::config() = c;
 }
 
-bool address_sanitizer() {
-#ifdef INSTSEG_EMU_ASAN
-  return true;
+// "address", "thread" (the OS-thread backend) or "".
+std::string sanitizer() {
+#if defined(INSTSEG_EMU_ASAN)
+  return "address";
+#elif defined(INSTSEG_EMU_THREADS)
+  return "thread";
 #else
-  return false;
+  return "";
 #endif
 }
 
@@ -38,5 +41,5 @@ bool address_sanitizer() {
 
 TORCH_LIBRARY(instseg_emu, m) {
   m.def("_configure(str schedule, int seed, int sm_count) -> ()", &configure);
-  m.def("_address_sanitizer() -> bool", &address_sanitizer);
+  m.def("_sanitizer() -> str", &sanitizer);
 }
