@@ -743,14 +743,21 @@ inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c);
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 
-// min/max as CUDA's overloads: the floating-point ones ignore a NaN operand.
-template <typename T, typename = std::enable_if_t<std::is_arithmetic<T>::value>>
-inline T min(T a, T b) {
+// min/max as CUDA's overloads: mixed argument types meet in their common type;
+// the floating-point versions ignore a NaN operand (fminf/fmaxf).
+template <typename A, typename B,
+          typename = std::enable_if_t<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>>
+inline std::common_type_t<A, B> min(A a_, B b_) {
+  using T = std::common_type_t<A, B>;
+  const T a = static_cast<T>(a_), b = static_cast<T>(b_);
   if constexpr (std::is_floating_point<T>::value) return std::fmin(a, b);
   else return b < a ? b : a;
 }
-template <typename T, typename = std::enable_if_t<std::is_arithmetic<T>::value>>
-inline T max(T a, T b) {
+template <typename A, typename B,
+          typename = std::enable_if_t<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>>
+inline std::common_type_t<A, B> max(A a_, B b_) {
+  using T = std::common_type_t<A, B>;
+  const T a = static_cast<T>(a_), b = static_cast<T>(b_);
   if constexpr (std::is_floating_point<T>::value) return std::fmax(a, b);
   else return a < b ? b : a;
 }
