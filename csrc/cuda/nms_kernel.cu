@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include "cuda_compat.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -133,6 +134,9 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
     __syncthreads();
     cur = removed[i / kBlock];
   }
+  // Every thread has read state[0] before thread 0 overwrites it (a chunk that
+  // keeps no box runs no other barrier).
+  __syncthreads();
   if (threadIdx.x == 0) state[0] = count;
 }
 
@@ -163,28 +167,29 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
 
   // 2. Chunked bitmask + device reduction.
   const int64_t words = (n + kBlock - 1) / kBlock;
-  int64_t rows = std::max<int64_t>(kBlock, (kMaskBudget / (words * 8)) / kBlock * kBlock);
+  const int64_t budget = cuda_compat::budget("INSTSEG_NMS_MASK_BUDGET", kMaskBudget);
+  int64_t rows = std::max<int64_t>(kBlock, (budget / (words * 8)) / kBlock * kBlock);
   rows = std::min<int64_t>({rows, words * kBlock, int64_t(65535) * kBlock});
   at::Tensor mask = at::empty({rows * words}, long_opts);
   at::Tensor removed = at::empty({words}, long_opts);
   at::Tensor keep = at::empty({n}, long_opts);
   at::Tensor state = at::zeros({1}, long_opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_compat::current_stream();
   auto* removed_p = reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>());
   auto* mask_p = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
   const int64_t* cats_p = idxs ? cats_sorted.data_ptr<int64_t>() : nullptr;
-  init_removed_kernel<<<static_cast<unsigned int>(std::min<int64_t>((words + 255) / 256, 65535)), 256, 0,
-                        stream>>>(svalid.data_ptr<bool>(), n, words, removed_p);
+  INSTSEG_LAUNCH(init_removed_kernel, static_cast<unsigned int>(std::min<int64_t>((words + 255) / 256, 65535)),
+                 256, 0, stream, svalid.data_ptr<bool>(), n, words, removed_p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t limit = idxs ? -1 : max_output;  // batched: the limit applies after the merge
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(n, r0 + rows);
     const dim3 grid(static_cast<unsigned int>(words),
                     static_cast<unsigned int>((r1 - r0 + kBlock - 1) / kBlock));
-    mask_kernel<T><<<grid, kBlock, 0, stream>>>(sboxes.data_ptr<T>(), cats_p, n, r0, r1, words,
-                                                 threshold_below<T>(iou_threshold), mask_p);
+    INSTSEG_LAUNCH(mask_kernel<T>, grid, kBlock, 0, stream, sboxes.data_ptr<T>(), cats_p, n, r0, r1, words,
+                   threshold_below<T>(iou_threshold), mask_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reduce_kernel<<<1, kReduceThreads, 0, stream>>>(mask_p, cats_p, n, r0, r1, words, limit,
+    INSTSEG_LAUNCH(reduce_kernel, 1, kReduceThreads, 0, stream, mask_p, cats_p, n, r0, r1, words, limit,
                                                     removed_p, keep.data_ptr<int64_t>(),
                                                     state.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -208,8 +213,8 @@ at::Tensor nms_cuda(const at::Tensor& boxes_, const at::Tensor& scores_,
                     const std::optional<at::Tensor>& idxs, double iou_threshold,
                     int64_t max_output, std::optional<double> score_threshold) {
   check_nms_args(boxes_, scores_, idxs, iou_threshold);
-  TORCH_CHECK(boxes_.is_cuda(), "nms: CUDA kernel got ", boxes_.device(), " boxes");
-  c10::cuda::OptionalCUDAGuard guard(boxes_.device());
+  TORCH_CHECK(cuda_compat::on_kernel_device(boxes_), "nms: CUDA kernel got ", boxes_.device(), " boxes");
+  cuda_compat::DeviceGuard guard(boxes_.device());
   if (boxes_.size(0) == 0 || max_output == 0) {
     return at::empty({0}, boxes_.options().dtype(at::kLong));
   }
@@ -226,7 +231,7 @@ at::Tensor nms_cuda(const at::Tensor& boxes_, const at::Tensor& scores_,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(instseg, CUDA, m) {
+INSTSEG_CUDA_LIBRARY_IMPL(m) {
   m.impl("nms", TORCH_FN(nms_cuda));
 }
 

@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include "cuda_compat.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -118,9 +119,7 @@ __global__ void paste_kernel(const scalar_t* __restrict__ masks, const Geometry*
 }
 
 int grid_blocks(int64_t work) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = cuda_compat::multiprocessor_count();
   const int64_t wanted = (work + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sms) * 32)));
 }
@@ -141,7 +140,7 @@ Prepared prepare(const at::Tensor& masks_, const at::Tensor& boxes_, int64_t H, 
   at::Tensor areas = at::empty({N}, opts.dtype(at::kLong));
   p.regions = at::empty({N, 4}, opts.dtype(at::kLong));
   if (N > 0) {
-    region_kernel<<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+    INSTSEG_LAUNCH(region_kernel, static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0, stream,
         boxes.const_data_ptr<float>(), N, M, pad, H, W, aligned,
         reinterpret_cast<Geometry*>(p.geom.mutable_data_ptr()), areas.mutable_data_ptr<int64_t>(),
         want_regions ? p.regions.mutable_data_ptr<int64_t>() : nullptr);
@@ -155,7 +154,7 @@ template <typename out_t, typename scalar_t>
 void launch_paste(const Prepared& p, int64_t H, int64_t W, int64_t pad, bool aligned, bool crops,
                   std::optional<double> threshold, int64_t work, out_t* out, cudaStream_t stream) {
   const int64_t N = p.masks.size(0), M = p.masks.size(1);
-  paste_kernel<scalar_t, out_t><<<grid_blocks(work), kThreads, 0, stream>>>(
+  INSTSEG_LAUNCH((paste_kernel<scalar_t, out_t>), grid_blocks(work), kThreads, 0, stream,
       p.masks.const_data_ptr<scalar_t>(), reinterpret_cast<const Geometry*>(p.geom.const_data_ptr()),
       p.ends.const_data_ptr<int64_t>(), N, M, pad, H, W, aligned, crops,
       threshold ? threshold_as_float(*threshold) : 0.f, out);
@@ -165,9 +164,9 @@ void launch_paste(const Prepared& p, int64_t H, int64_t W, int64_t pad, bool ali
 at::Tensor paste_masks_cuda(const at::Tensor& masks, const at::Tensor& boxes, int64_t H, int64_t W,
                             int64_t padding, std::optional<double> threshold, bool aligned) {
   check_paste_args(masks, boxes, H, W, padding, threshold);
-  TORCH_CHECK(masks.is_cuda(), "paste_masks: CUDA kernel got ", masks.device(), " masks");
-  c10::cuda::OptionalCUDAGuard guard(masks.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(cuda_compat::on_kernel_device(masks), "paste_masks: CUDA kernel got ", masks.device(), " masks");
+  cuda_compat::DeviceGuard guard(masks.device());
+  const cudaStream_t stream = cuda_compat::current_stream();
   const int64_t N = masks.size(0);
   const int64_t pad = aligned ? 0 : padding;
   at::Tensor out = at::zeros({N, H, W}, masks.options().dtype(threshold ? at::kBool : masks.scalar_type()));
@@ -190,9 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paste_masks_crops_cuda(
     const at::Tensor& masks, const at::Tensor& boxes, int64_t H, int64_t W, int64_t padding,
     std::optional<double> threshold, bool aligned) {
   check_paste_args(masks, boxes, H, W, padding, threshold);
-  TORCH_CHECK(masks.is_cuda(), "paste_masks_crops: CUDA kernel got ", masks.device(), " masks");
-  c10::cuda::OptionalCUDAGuard guard(masks.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(cuda_compat::on_kernel_device(masks), "paste_masks_crops: CUDA kernel got ", masks.device(), " masks");
+  cuda_compat::DeviceGuard guard(masks.device());
+  const cudaStream_t stream = cuda_compat::current_stream();
   const int64_t N = masks.size(0);
   const int64_t pad = aligned ? 0 : padding;
   const Prepared p = prepare(masks, boxes, H, W, pad, aligned, true, stream);
@@ -218,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paste_masks_crops_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(instseg, CUDA, m) {
+INSTSEG_CUDA_LIBRARY_IMPL(m) {
   m.impl("paste_masks", TORCH_FN(paste_masks_cuda));
   m.impl("paste_masks_crops", TORCH_FN(paste_masks_crops_cuda));
 }

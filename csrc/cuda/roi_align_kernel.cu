@@ -27,6 +27,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include "cuda_compat.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -55,7 +56,7 @@ inline unsigned int num_blocks(int64_t total) {
 void check_indices(const char* op, const at::Tensor& rois, int64_t batch_size,
                    const at::Tensor& levels = at::Tensor(), int64_t num_levels = 0) {
   if (rois.size(0) == 0) return;
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  if (cuda_compat::stream_capturing()) return;
   const at::Tensor b = rois.select(1, 0);
   std::vector<at::Tensor> parts{b.min().to(at::kDouble), b.max().to(at::kDouble)};
   if (levels.defined()) {
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kDetThreads) backward_deterministic_kernel(
     const int64_t* __restrict__ levels, const acc_t* __restrict__ rois, int64_t K,
     LevelPack<scalar_t*> lv, int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
     bool aligned, int64_t c_blocks) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  INSTSEG_DYNAMIC_SHARED(unsigned char, smem, 16);
   acc_t* wy = reinterpret_cast<acc_t*>(smem);  // [PH][kTile] row weights of one RoI
   acc_t* wx = wy + PH * kTile;                 // [PW][kTile] column weights
   __shared__ int64_t list[kDetThreads];
@@ -359,7 +360,7 @@ at::Tensor forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& 
       at::empty({K, C, pooled_height, pooled_width}, f0.options().memory_format(memory_format(cl)));
   const int64_t total = out.numel();
   if (total == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_compat::current_stream();
   const int64_t* lv_ptr = levels.defined() ? levels.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_cuda", [&] {
@@ -368,11 +369,11 @@ at::Tensor forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& 
     for (const at::Tensor& f : feats) data.push_back(f.data_ptr<scalar_t>());
     const LevelPack<const scalar_t*> pack = make_pack(lv, data, kTile);
     if (cl) {
-      forward_kernel<scalar_t, acc_t, true><<<num_blocks(total), kThreads, 0, stream>>>(
+      INSTSEG_LAUNCH((forward_kernel<scalar_t, acc_t, true>), num_blocks(total), kThreads, 0, stream,
           total, pack, lv_ptr, rois.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), N, C,
           pooled_height, pooled_width, sampling_ratio, aligned);
     } else {
-      forward_kernel<scalar_t, acc_t, false><<<num_blocks(total), kThreads, 0, stream>>>(
+      INSTSEG_LAUNCH((forward_kernel<scalar_t, acc_t, false>), num_blocks(total), kThreads, 0, stream,
           total, pack, lv_ptr, rois.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), N, C,
           pooled_height, pooled_width, sampling_ratio, aligned);
     }
@@ -391,10 +392,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const int64_t K = rois.size(0);
   std::vector<at::Tensor> gins;
   if (K == 0 || N == 0 || C == 0) {
-    for (const Level& l : lv) gins.push_back(at::zeros({N, C, l.H, l.W}, grad.options().memory_format(fmt)));
+    // at::zeros ignores the memory format: empty(...).zero_() keeps it.
+    for (const Level& l : lv) gins.push_back(at::empty({N, C, l.H, l.W}, grad.options().memory_format(fmt)).zero_());
     return gins;
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_compat::current_stream();
   const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1), gs2 = grad.stride(2),
                 gs3 = grad.stride(3);
   const int64_t* lv_ptr = levels.defined() ? levels.data_ptr<int64_t>() : nullptr;
@@ -425,11 +427,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       const dim3 blocks(static_cast<unsigned int>(tiles), 1,
                         static_cast<unsigned int>(std::min<int64_t>(N * c_blocks, 65535)));
       if (channels_last) {
-        backward_deterministic_kernel<scalar_t, acc_t, true><<<blocks, block, smem, stream>>>(
+        INSTSEG_LAUNCH((backward_deterministic_kernel<scalar_t, acc_t, true>), blocks, block, smem, stream,
             grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(), K,
             pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned, c_blocks);
       } else {
-        backward_deterministic_kernel<scalar_t, acc_t, false><<<blocks, block, smem, stream>>>(
+        INSTSEG_LAUNCH((backward_deterministic_kernel<scalar_t, acc_t, false>), blocks, block, smem, stream,
             grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(), K,
             pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned, c_blocks);
       }
@@ -444,7 +446,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const at::ScalarType acc_type = acc_dtype(grad.scalar_type());
   std::vector<at::Tensor> bufs;
   for (const Level& l : lv)
-    bufs.push_back(at::zeros({N, C, l.H, l.W}, grad.options().dtype(acc_type).memory_format(fmt)));
+    bufs.push_back(at::empty({N, C, l.H, l.W}, grad.options().dtype(acc_type).memory_format(fmt)).zero_());
   const int64_t total = grad.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "roi_align_backward_cuda", [&] {
@@ -453,11 +455,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
     for (at::Tensor& t : bufs) data.push_back(t.data_ptr<acc_t>());
     const LevelPack<acc_t*> pack = make_pack(lv, data, kTile);
     if (channels_last) {
-      backward_atomic_kernel<scalar_t, acc_t, true><<<num_blocks(total), kThreads, 0, stream>>>(
+      INSTSEG_LAUNCH((backward_atomic_kernel<scalar_t, acc_t, true>), num_blocks(total), kThreads, 0, stream,
           total, grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(),
           pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned);
     } else {
-      backward_atomic_kernel<scalar_t, acc_t, false><<<num_blocks(total), kThreads, 0, stream>>>(
+      INSTSEG_LAUNCH((backward_atomic_kernel<scalar_t, acc_t, false>), num_blocks(total), kThreads, 0, stream,
           total, grad.data_ptr<scalar_t>(), gs0, gs1, gs2, gs3, lv_ptr, rois.data_ptr<acc_t>(),
           pack, N, C, pooled_height, pooled_width, sampling_ratio, aligned);
     }
@@ -473,8 +475,8 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
                                   bool /*deterministic*/) {
   check_roi_align_args(input, rois_, pooled_height, pooled_width);
   check_scales_and_sampling("roi_align", {spatial_scale}, sampling_ratio);
-  TORCH_CHECK(input.is_cuda(), "roi_align: CUDA kernel got a ", input.device(), " input");
-  c10::cuda::OptionalCUDAGuard guard(input.device());
+  TORCH_CHECK(cuda_compat::on_kernel_device(input), "roi_align: CUDA kernel got a ", input.device(), " input");
+  cuda_compat::DeviceGuard guard(input.device());
   const bool cl = use_channels_last(input);
   const at::Tensor feat = cl ? input : input.contiguous();
   const at::Tensor rois = rois_.to(acc_dtype(input.scalar_type())).contiguous();
@@ -491,8 +493,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   check_roi_align_backward_args(grad, rois_, pooled_height, pooled_width, batch_size, channels,
                                 height, width);
   check_scales_and_sampling("_roi_align_backward", {spatial_scale}, sampling_ratio);
-  TORCH_CHECK(grad.is_cuda(), "_roi_align_backward: CUDA kernel got a ", grad.device(), " grad");
-  c10::cuda::OptionalCUDAGuard guard(grad.device());
+  TORCH_CHECK(cuda_compat::on_kernel_device(grad), "_roi_align_backward: CUDA kernel got a ", grad.device(), " grad");
+  cuda_compat::DeviceGuard guard(grad.device());
   const at::Tensor rois = rois_.to(acc_dtype(grad.scalar_type())).contiguous();
   check_indices("_roi_align_backward", rois, batch_size);
   return backward_impl(grad, rois, at::Tensor(), {Level{height, width, spatial_scale}},
@@ -510,9 +512,9 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
                                              bool /*deterministic*/) {
   check_multilevel_args(features, rois, levels, spatial_scales, pooled_height, pooled_width);
   check_scales_and_sampling("multilevel_roi_align", spatial_scales, sampling_ratio);
-  TORCH_CHECK(features[0].is_cuda(), "multilevel_roi_align: CUDA kernel got a ",
+  TORCH_CHECK(cuda_compat::on_kernel_device(features[0]), "multilevel_roi_align: CUDA kernel got a ",
               features[0].device(), " input");
-  c10::cuda::OptionalCUDAGuard guard(features[0].device());
+  cuda_compat::DeviceGuard guard(features[0].device());
   check_indices("multilevel_roi_align", rois, features[0].size(0), levels,
                 static_cast<int64_t>(features.size()));
   const bool cl = use_channels_last(features[0]);
@@ -531,9 +533,9 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
       check_multilevel_backward_args(grad, rois, levels, spatial_scales, pooled_height,
                                      pooled_width, level_sizes);
   check_scales_and_sampling("_multilevel_roi_align_backward", spatial_scales, sampling_ratio);
-  TORCH_CHECK(grad.is_cuda(), "_multilevel_roi_align_backward: CUDA kernel got a ",
+  TORCH_CHECK(cuda_compat::on_kernel_device(grad), "_multilevel_roi_align_backward: CUDA kernel got a ",
               grad.device(), " grad");
-  c10::cuda::OptionalCUDAGuard guard(grad.device());
+  cuda_compat::DeviceGuard guard(grad.device());
   check_indices("_multilevel_roi_align_backward", rois, level_sizes[0], levels,
                 static_cast<int64_t>(lv.size()));
   return backward_impl(grad, rois.to(acc_dtype(grad.scalar_type())).contiguous(),
@@ -543,7 +545,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(instseg, CUDA, m) {
+INSTSEG_CUDA_LIBRARY_IMPL(m) {
   m.impl("roi_align", TORCH_FN(roi_align_forward_cuda));
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cuda));
   m.impl("multilevel_roi_align", TORCH_FN(multilevel_roi_align_forward_cuda));

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include "cuda_compat.h"
 #include <torch/library.h>
 
 #include "../nms_checks.h"
@@ -103,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes_, const
                                                  double iou_threshold, double sigma,
                                                  double score_threshold, int64_t method) {
   check_soft_nms_args(boxes_, scores_, iou_threshold, sigma, score_threshold, method);
-  TORCH_CHECK(boxes_.is_cuda(), "soft_nms: CUDA kernel got ", boxes_.device(), " boxes");
-  c10::cuda::OptionalCUDAGuard guard(boxes_.device());
+  TORCH_CHECK(cuda_compat::on_kernel_device(boxes_), "soft_nms: CUDA kernel got ", boxes_.device(), " boxes");
+  cuda_compat::DeviceGuard guard(boxes_.device());
   const int64_t n = boxes_.size(0);
   const at::ScalarType acc = acc_dtype(boxes_.scalar_type());
   if (n == 0) {
@@ -116,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes_, const
   at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kLong));
   at::Tensor keep_score = at::empty({n}, boxes.options());
   at::Tensor count = at::zeros({1}, boxes.options().dtype(at::kLong));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_compat::current_stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "soft_nms_cuda", [&] {
-    soft_nms_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+    INSTSEG_LAUNCH(soft_nms_kernel<scalar_t>, 1, kThreads, 0, stream,
         boxes.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), alive.data_ptr<bool>(), n,
         threshold_below<scalar_t>(iou_threshold), sigma_as<scalar_t>(sigma),
         threshold_above<scalar_t>(score_threshold), method, keep.data_ptr<int64_t>(),
@@ -131,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes_, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(instseg, CUDA, m) {
+INSTSEG_CUDA_LIBRARY_IMPL(m) {
   m.impl("soft_nms", TORCH_FN(soft_nms_cuda));
 }
 
