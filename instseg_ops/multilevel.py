@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from .roi_align import BoxesArg, _memory_format, _pair, _sampling_ratio, boxes_to_rois, is_channels_last, roi_align
+from .roi_align import (BoxesArg, _deterministic, _memory_format, _pair, _sampling_ratio, boxes_to_rois,
+                        is_channels_last, roi_align)
 
 RULES = ("fpn", "scale_adaptive")
 # (h, w) per image: a Tensor[N, 2] or a list of pairs (TorchScript: List[Tuple[int, int]]).
@@ -151,14 +152,9 @@ def multilevel_roi_align(
         lo = lo if min_level is None else min_level
         hi = hi if max_level is None else max_level
         levels = assign_levels(rois, lo, hi, rule, canonical_scale, canonical_level, eps, image_sizes)
-    det = False  # TorchScript cannot read torch.are_deterministic_algorithms_enabled()
-    if deterministic is None:
-        if not torch.jit.is_scripting():
-            det = torch.are_deterministic_algorithms_enabled()
-    else:
-        det = deterministic
     return torch.ops.instseg.multilevel_roi_align(features, rois, levels, scales, ph, pw,
-                                                  _sampling_ratio(sampling_ratio), bool(aligned), det)
+                                                  _sampling_ratio(sampling_ratio), bool(aligned),
+                                                  _deterministic(deterministic))
 
 
 def _infer_scale(feature: Tensor, original_size: List[int]) -> float:

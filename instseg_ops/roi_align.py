@@ -65,6 +65,16 @@ def boxes_to_rois(boxes: BoxesArg, like: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _deterministic(deterministic: Optional[bool]) -> bool:
+    """``deterministic``, or torch's global flag when None (in TorchScript, which cannot read
+    that flag, None is False)."""
+    if deterministic is not None:
+        return deterministic
+    if torch.jit.is_scripting():
+        return False
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def _sampling_ratio(v: int) -> int:
     """``int(v)``, refusing values that are not whole numbers (2.5 must not become 2)."""
     if int(v) != v:
@@ -117,14 +127,8 @@ def roi_align(
                                      sampling_ratio, aligned, deterministic)
     rois = boxes_to_rois(boxes, input)
     ph, pw = _pair(output_size)
-    det = False  # TorchScript cannot read torch.are_deterministic_algorithms_enabled()
-    if deterministic is None:
-        if not torch.jit.is_scripting():
-            det = torch.are_deterministic_algorithms_enabled()
-    else:
-        det = deterministic
     return torch.ops.instseg.roi_align(input, rois, float(spatial_scale), ph, pw, _sampling_ratio(sampling_ratio),
-                                       bool(aligned), det)
+                                       bool(aligned), _deterministic(deterministic))
 
 
 torch.fx.wrap("roi_align")

@@ -14,6 +14,16 @@ cpu = torch.ops.instseg
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
+def check_backwards(emu, value, st, lsi, loc, attn, tol):
+    """Both backwards (atomic and deterministic) of the emulated kernels against the CPU op."""
+    go = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=value.dtype)
+    for det in (False, True):
+        got = emu._ms_deform_attn_backward(go, value, st, lsi, loc, attn, det)
+        want = cpu._ms_deform_attn_backward(go, value, st, lsi, loc, attn, det)
+        for g, w in zip(got, want):
+            close(g, w, tol)
+
+
 def problem(seed, dtype, **kw):
     gen = torch.Generator().manual_seed(seed)
     value, shapes, loc, attn = random_problem(gen, dtype, **kw)
@@ -64,12 +74,7 @@ def test_nonfinite_locations_and_empty_inputs(emu, schedule, seed):
     loc.view(-1)[1::11] = float("inf")
     loc.view(-1)[2::13] = -1e30
     close(emu.ms_deform_attn(value, st, lsi, loc, attn, False), cpu.ms_deform_attn(value, st, lsi, loc, attn), 2e-5)
-    go = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
-    for det in (False, True):
-        got = emu._ms_deform_attn_backward(go, value, st, lsi, loc, attn, det)
-        want = cpu._ms_deform_attn_backward(go, value, st, lsi, loc, attn, det)
-        for g, w in zip(got, want):
-            close(g, w, 1e-4)
+    check_backwards(emu, value, st, lsi, loc, attn, 1e-4)
     empty = problem(seed, torch.float32, lq=0)
     out = emu.ms_deform_attn(*empty, False)
     assert out.shape == (empty[0].shape[0], 0, empty[0].shape[2] * empty[0].shape[3])
@@ -85,11 +90,6 @@ def test_grid_stride_loops_wrap_around(emu, seed, monkeypatch):
         value, st, lsi, loc, attn = problem(seed, torch.float32, n=2, lq=40, max_hw=12)
         close(emu.ms_deform_attn(value, st, lsi, loc, attn, False), cpu.ms_deform_attn(value, st, lsi, loc, attn),
               2e-5)
-        go = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
-        for det in (False, True):
-            got = emu._ms_deform_attn_backward(go, value, st, lsi, loc, attn, det)
-            want = cpu._ms_deform_attn_backward(go, value, st, lsi, loc, attn, det)
-            for g, w in zip(got, want):
-                close(g, w, 1e-4)
+        check_backwards(emu, value, st, lsi, loc, attn, 1e-4)
     finally:
         emu_utils.configure()

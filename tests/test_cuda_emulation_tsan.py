@@ -64,8 +64,10 @@ def test_kernels_are_race_free(op):
         "roi_align_deterministic_backward": (
             "from roi_utils import random_rois; r = random_rois(6, 1, 20, 20, malformed=True); "
             "g = torch.randn(6, 3, 2, 2); emu._roi_align_backward(g, r, 1.0, 2, 2, 1, 3, 20, 20, 2, True, False, True)"),
-        "soft_nms": "b = torch.rand(40, 2) * 50; b = torch.cat([b, b + 20], 1); emu.soft_nms(b, torch.rand(40), 0.3, 0.5, 0.01, 1)",
-        "paste_masks": "emu.paste_masks(torch.rand(2, 5, 5), torch.tensor([[1.0, 2, 9, 8], [0, 0, 4, 4]]), 10, 12, 1, None, False)",
+        "soft_nms": ("b = torch.rand(40, 2) * 50; b = torch.cat([b, b + 20], 1); "
+                     "emu.soft_nms(b, torch.rand(40), 0.3, 0.5, 0.01, 1)"),
+        "paste_masks": ("emu.paste_masks(torch.rand(2, 5, 5), torch.tensor([[1.0, 2, 9, 8], [0, 0, 4, 4]]), 10, 12, 1, "
+                        "None, False)"),
     }[op]
     rc, out = run_child(code)
     assert rc == 0 and "ThreadSanitizer" not in out and "DONE" in out, out[-3000:]
