@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The emulated CUDA suite (tests/test_cuda_emulated.py and the planted-bug
+# The emulated CUDA suite (tests/test_cuda_emulated*.py and the planted-bug
 # kernels of tests/test_cuda_emulation_harness.py) under AddressSanitizer:
 # the emulation library is built with -fsanitize=address (cached in
 # build/emulation/instseg_emu_asan) and Python runs with libasan and libstdc++
@@ -25,5 +25,5 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
 export MAX_JOBS=${MAX_JOBS:-2}
 start=$(date +%s)
 LD_PRELOAD="$asan $stdcxx" "$PY" -m pytest -q -p no:cacheprovider "$@" \
-  tests/test_cuda_emulated.py tests/test_cuda_emulation_harness.py
+  tests/test_cuda_emulated.py tests/test_cuda_emulated_ms_deform_attn.py tests/test_cuda_emulation_harness.py
 echo "emulated CUDA suite under AddressSanitizer: $(( $(date +%s) - start )) s (build included)"
