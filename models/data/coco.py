@@ -9,12 +9,15 @@ boxes float32 [K, 4] (x1, y1, x2, y2, pixel units), labels int64 [K] (contiguous
 Segmentations may be polygons, uncompressed RLE (crowd) or compressed RLE. Images are
 read with Pillow (``read_image``: PNG, JPEG, ...).
 """
+import contextlib
+import io
 import json
 import os
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from .io import read_image
 
@@ -23,6 +26,32 @@ __all__ = ["CocoInstanceDataset", "Compose", "RandomHorizontalFlip", "hflip", "r
 
 
 # ----------------------------------------------------------------------------- annotations
+
+def quiet(verbose=False):
+    """Silences pycocotools' prints (unless ``verbose``)."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def coco_from_dict(dataset):
+    """A pycocotools COCO object from an instances dict (without printing). Annotations get the
+    keys COCOeval needs when they lack them: id, iscrowd (0), area (of the mask, or the box)."""
+    data = dict(dataset)
+    anns = []
+    for i, ann in enumerate(dataset.get("annotations", [])):
+        ann = dict(ann)
+        ann.setdefault("id", i + 1)
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            _, _, w, h = ann["bbox"]
+            ann["area"] = float(w) * float(h)
+        anns.append(ann)
+    data["annotations"] = anns
+    coco = COCO()
+    coco.dataset = data
+    with quiet():
+        coco.createIndex()
+    return coco
+
 
 def load_coco_json(ann_file):
     """Load and check a COCO instances file; errors name the file and the problem."""
@@ -136,7 +165,6 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     def coco(self):
         """A pycocotools COCO object of the annotation file (built on first use)."""
         if self._coco is None:
-            from .coco_eval import coco_from_dict
             self._coco = coco_from_dict(self.dataset)
         return self._coco
 

@@ -12,9 +12,7 @@ image's size. Labels map back to COCO category ids through ``contiguous_to_cat_i
 (taken from a ``CocoInstanceDataset`` when one is passed as ground truth; by default
 the categories' ids in increasing order, the same rule as the dataset's).
 """
-import contextlib
 import copy
-import io
 import os
 
 import numpy as np
@@ -23,35 +21,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .coco import coco_from_dict, load_coco_json, quiet
+
 __all__ = ["evaluate_coco", "Evaluator", "coco_from_dict", "outputs_to_coco_results", "METRIC_NAMES"]
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 IOU_TYPES = ("bbox", "segm")
-
-
-def _quiet(verbose=False):
-    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-
-
-def coco_from_dict(dataset):
-    """A pycocotools COCO object from an instances dict (without printing). Annotations get the
-    keys COCOeval needs when they lack them: id, iscrowd (0), area (of the mask, or the box)."""
-    data = dict(dataset)
-    anns = []
-    for i, ann in enumerate(dataset.get("annotations", [])):
-        ann = dict(ann)
-        ann.setdefault("id", i + 1)
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann:
-            _, _, w, h = ann["bbox"]
-            ann["area"] = float(w) * float(h)
-        anns.append(ann)
-    data["annotations"] = anns
-    coco = COCO()
-    coco.dataset = data
-    with _quiet():
-        coco.createIndex()
-    return coco
 
 
 def _as_coco(coco_gt):
@@ -60,7 +35,6 @@ def _as_coco(coco_gt):
     if isinstance(coco_gt, COCO):
         return coco_gt, None
     if isinstance(coco_gt, (str, os.PathLike)):
-        from .coco import load_coco_json
         return coco_from_dict(load_coco_json(os.fspath(coco_gt))), None
     if isinstance(coco_gt, dict):
         return coco_from_dict(coco_gt), None
@@ -200,7 +174,7 @@ class Evaluator:
     def _results_coco(self, iou_type):
         results = self.results[iou_type]
         if results:
-            with _quiet():
+            with quiet():
                 return self.coco_gt.loadRes([dict(r) for r in results])  # loadRes edits the dicts
         # loadRes cannot take an empty list: an empty result set by hand
         dt = COCO()
@@ -209,7 +183,7 @@ class Evaluator:
             "categories": copy.deepcopy(self.coco_gt.dataset.get("categories", [])),
             "annotations": [],
         }
-        with _quiet():
+        with quiet():
             dt.createIndex()
         return dt
 
@@ -222,7 +196,7 @@ class Evaluator:
             ev = COCOeval(self.coco_gt, dt, iouType=t)
             if self.img_ids:
                 ev.params.imgIds = sorted(self.img_ids)
-            with _quiet(verbose):
+            with quiet(verbose):
                 if verbose:
                     print(f"IoU metric: {t}")
                 ev.evaluate()
