@@ -99,10 +99,9 @@ def stages_ours(m, imgs, device):
     clock.mark("backbone")
     props, _ = m.rpn(tuple(batch.shape[-2:]), sizes, feats)
     clock.mark("rpn")
-    logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, props, sizes)))
-    dets = rh.postprocess(logits, deltas, props, sizes)
+    dets, _ = rh._forward_box(feats, props, sizes, None)  # the box stage, then detection postprocessing
     clock.mark("box")
-    attach_masks(dets, rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, [d["boxes"] for d in dets], sizes))))
+    dets = rh.forward_with_given_boxes(feats, dets, sizes)  # the mask stage on those boxes
     clock.mark("mask")
     out = m.transform.postprocess(dets, sizes, orig)
     clock.mark("paste")
