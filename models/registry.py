@@ -32,12 +32,6 @@ def get_model(name: str, **overrides) -> nn.Module:
     return _BUILDERS[name](**overrides)
 
 
-def get_model_builder(name: str) -> Callable[..., nn.Module]:
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
-    return _BUILDERS[name]
-
-
 def list_models() -> List[str]:
     """The registered model names, sorted."""
     return sorted(_BUILDERS)

@@ -32,35 +32,35 @@ def _temp_file_for(path: str, directory: str):
     return fd, tmp
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then os.replace: readers see the
-    old file or the complete new one, never a partial one; the temporary is removed on failure."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = _temp_file_for(path, directory)
+def _replace_atomically(path: str, mode: str, write) -> None:
+    """``write(f)`` into a temporary file in ``path``'s directory, then os.replace: readers see
+    the old file or the complete new one, never a partial one; the temporary is removed on
+    failure."""
+    fd, tmp = _temp_file_for(path, os.path.dirname(os.path.abspath(path)))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save, atomically and flushed to disk (``_replace_atomically``); creates the directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(f):
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+    _replace_atomically(path, "wb", write)
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _temp_file_for(path, directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    _replace_atomically(path, "w", lambda f: f.write(text))
 
 
 def prune_checkpoints(out_dir: str, keep: int) -> None:

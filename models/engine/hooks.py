@@ -203,8 +203,6 @@ def default_hooks(preset, keep_checkpoints: int) -> List[HookBase]:
         hooks.append(budget)
     if preset.scale_schedule:
         hooks.append(ProgressiveResize(preset.scale_schedule))
-    else:
-        check_scale_schedule(preset.scale_schedule)
     hooks += [MetricsWriter(preset.log_period, budget), PeriodicEval(preset.eval_period, preset.eval_images),
               PeriodicCheckpoint(preset.checkpoint_period, keep_checkpoints)]
     return hooks
