@@ -3,8 +3,8 @@ from checkpoints (``checkpoint``), distributed helpers, optimizers and schedules
 data order (``loader``), RNG state (``rng``), evaluation, metrics logs and the presets."""
 from .checkpoint import model_from_checkpoint
 from .hooks import HookBase
-from .presets import Preset, build_model, get_preset, preset_names
+from .presets import Preset, build_model, get_preset, preset_names, register_preset
 from .trainer import Trainer, train
 
 __all__ = ["HookBase", "Preset", "Trainer", "build_model", "get_preset", "model_from_checkpoint", "preset_names",
-           "train"]
+           "register_preset", "train"]

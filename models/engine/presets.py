@@ -120,6 +120,17 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
+def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
+    """Add ``preset`` to the table ``--preset`` chooses from (model families call this when their
+    module is imported); a name already taken is an error unless ``replace``."""
+    if not isinstance(preset, Preset):
+        raise TypeError(f"register_preset takes a Preset, got {type(preset).__name__}")
+    if preset.name in PRESETS and not replace:
+        raise KeyError(f"preset {preset.name!r} is already registered")
+    PRESETS[preset.name] = preset
+    return preset
+
+
 def preset_names():
     return sorted(PRESETS)
 
