@@ -4,7 +4,6 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -86,47 +85,23 @@ def stability_score(logits: Tensor, threshold: float = 0.0, offset: float = 1.0)
 
 
 def connected_components(masks: Tensor, connectivity: int = 8) -> Tuple[Tensor, Tensor]:
-    """Connected components of each (H, W) binary mask of a (N, H, W) batch.
+    """Connected components of each (H, W) binary mask of a (N, H, W) batch (bool or integer,
+    nonzero = foreground; any H and W, empty batches included), on the masks' device
+    (``instseg::connected_components``: CPU and CUDA kernels).
 
     Returns ``labels`` (N, H, W) int32, 0 for background and 1..K_n for the components of
     mask n numbered in raster order of their first pixel (as ``scipy.ndimage.label``), and
     ``areas`` (N, K) int64 with ``areas[n, k - 1]`` the pixel count of component k of mask n,
-    K the largest K_n, zero-padded. ``connectivity``: 4 or 8."""
-    masks = _check_masks(masks, "connected_components")
-    if connectivity not in (4, 8):
-        raise ValueError(f"connected_components: connectivity must be 4 or 8, got {connectivity}")
-    n, h, w = masks.shape
-    dev = masks.device
-    if n * h * w == 0:
-        return (torch.zeros((n, h, w), dtype=torch.int32, device=dev),
-                torch.zeros((n, 0), dtype=torch.long, device=dev))
-    big = float(h * w + 1)
-    idx = torch.arange(1, h * w + 1, dtype=torch.float64, device=dev).reshape(1, 1, h, w)
-    m = masks[:, None]
-    lab = torch.where(m, idx, big)
-    while True:
-        if connectivity == 8:
-            nb = -F.max_pool2d(-lab, 3, 1, 1)
-        else:
-            p = F.pad(lab, (1, 1, 1, 1), value=big)
-            nb = torch.minimum(torch.minimum(p[..., 1:-1, :-2], p[..., 1:-1, 2:]),
-                               torch.minimum(p[..., :-2, 1:-1], p[..., 2:, 1:-1]))
-            nb = torch.minimum(nb, lab)
-        new = torch.where(m, nb, big)
-        if torch.equal(new, lab):
-            break
-        lab = new
-    lab = lab[:, 0]
-    labels = torch.zeros((n, h, w), dtype=torch.int32, device=dev)
-    counts = []
-    for i in range(n):
-        li = lab[i]
-        fg = masks[i]
-        roots, inv = torch.unique(li[fg], return_inverse=True)   # sorted: raster order of first pixels
-        labels[i][fg] = (inv + 1).to(torch.int32)
-        counts.append(torch.bincount(inv, minlength=roots.numel()))
-    k = max(c.numel() for c in counts)
-    areas = torch.zeros((n, k), dtype=torch.long, device=dev)
-    for i, c in enumerate(counts):
-        areas[i, :c.numel()] = c
-    return labels, areas
+    K the largest K_n, zero-padded. ``connectivity``: 8 (diagonal neighbours connect, as
+    OpenCV's default and SAM's small-region cleanup) or 4."""
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"connected_components: masks must be a tensor, got {type(masks).__name__}")
+    return torch.ops.instseg.connected_components(masks, int(connectivity))
+
+
+@torch.library.register_fake("instseg::connected_components")
+def _connected_components_fake(masks, connectivity=8):
+    torch._check(masks.dim() == 3, lambda: "connected_components: masks must be a Tensor[N, H, W]")
+    k = torch.library.get_ctx().new_dynamic_size()
+    return (masks.new_empty(masks.shape, dtype=torch.int32),
+            masks.new_empty((masks.shape[0], k), dtype=torch.int64))

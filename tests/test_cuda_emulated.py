@@ -234,3 +234,17 @@ def test_paste_masks_empty(emu, schedule):
     off = torch.tensor([[100.0, 100.0, 120.0, 120.0]]).repeat(2, 1)  # outside the image: empty crops
     data, regions, offsets = emu.paste_masks_crops(torch.rand(2, 5, 5), off, 10, 20, 1, None, True)
     assert data.shape == (0,) and torch.equal(offsets, torch.zeros(3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- connected_components
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_connected_components(emu, schedule, connectivity):
+    from test_masks_ops import random_masks
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for shape in [(4, 13, 17), (2, 1, 21), (1, 30, 30)]:
+        masks = random_masks(gen, *shape)
+        labels, areas = emu.connected_components(masks, connectivity)
+        want_labels, want_areas = cpu.connected_components(masks, connectivity)
+        assert torch.equal(labels, want_labels) and torch.equal(areas, want_areas)
+    labels, areas = emu.connected_components(torch.zeros((2, 0, 5), dtype=torch.bool), connectivity)
+    assert labels.shape == (2, 0, 5) and areas.shape == (2, 0)

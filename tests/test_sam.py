@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from instseg_ops.models import get_model, load_pretrained
+from test_masks_ops import reference_label
 from instseg_ops.models.sam import SamAutomaticMaskGenerator, SamPredictor, sam_state_dict_to_transformers
 from instseg_ops.models.sam.model import TINY_CONFIG
 
@@ -223,34 +224,6 @@ def test_matches_transformers_sam_model(pair, seed):
 
 # --- automatic mask generator ---------------------------------------------------------------
 
-def reference_label(mask: np.ndarray, connectivity: int = 8):
-    """Breadth-first labelling in plain Python: labels numbered in raster order of their first
-    pixel (as scipy.ndimage.label), and the area of each."""
-    from collections import deque
-    h, w = mask.shape
-    labels = np.zeros((h, w), dtype=np.int32)
-    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
-    if connectivity == 8:
-        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
-    areas = []
-    for y in range(h):
-        for x in range(w):
-            if mask[y, x] and not labels[y, x]:
-                k = len(areas) + 1
-                labels[y, x] = k
-                queue, n = deque([(y, x)]), 0
-                while queue:
-                    cy, cx = queue.popleft()
-                    n += 1
-                    for dy, dx in steps:
-                        ny, nx = cy + dy, cx + dx
-                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                            labels[ny, nx] = k
-                            queue.append((ny, nx))
-                areas.append(n)
-    return labels, np.array(areas, dtype=np.int64)
-
-
 class FakeCv2:
     """Stands in for OpenCV (not installed) in the official generator's small-region cleanup:
     ``connectedComponentsWithStats`` from the plain-Python reference above."""
@@ -357,3 +330,75 @@ def test_amg_bad_input(pair):
     # nothing passes: an empty list
     assert SamAutomaticMaskGenerator(ours, points_per_side=4, pred_iou_thresh=1e9).generate(
         np.zeros((40, 50, 3), dtype=np.uint8)) == []
+
+
+def test_predictor_bad_input(pair):
+    _, ours = pair
+    p = SamPredictor(ours)
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]))
+    with pytest.raises(ValueError, match="H, W, 3"):
+        p.set_image(np.zeros((3, 40, 50), dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        p.set_image(np.zeros((40, 50, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        p.set_image(np.zeros((40, 50, 3), dtype=np.uint8), image_format="HSV")
+    with pytest.raises(ValueError, match="empty"):
+        p.set_image(np.zeros((0, 50, 3), dtype=np.uint8))
+    p.set_image(np.zeros((40, 50, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="outside"):
+        p.predict(point_coords=np.array([[51.0, 10.0]]), point_labels=np.array([1]))
+    with pytest.raises(ValueError, match="outside"):
+        p.predict(box=np.array([-5.0, 0.0, 10.0, 10.0]))
+    with pytest.raises(ValueError, match="x1 <= x2"):
+        p.predict(box=np.array([20.0, 0.0, 10.0, 10.0]))
+    with pytest.raises(ValueError, match="point_labels"):
+        p.predict(point_coords=np.array([[1.0, 1.0]]))
+    with pytest.raises(ValueError, match="point_labels"):
+        p.predict(point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1, 1]))
+    with pytest.raises(ValueError, match="mask_input"):
+        p.predict(point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]), mask_input=np.zeros((1, 32, 32)))
+    with pytest.raises(ValueError, match="no prompt"):
+        p.predict()
+    # edges are inside, any image size works
+    masks, iou, low = p.predict(point_coords=np.array([[50.0, 40.0], [0.0, 0.0]]), point_labels=np.array([1, 0]))
+    assert masks.shape == (3, 40, 50) and iou.shape == (3,) and low.shape == (3, 64, 64)
+    p.set_image(np.zeros((1, 700, 3), dtype=np.uint8))
+    assert p.predict(box=np.array([0.0, 0.0, 700.0, 1.0]), multimask_output=False)[0].shape == (1, 1, 700)
+
+
+@pytest.mark.slow
+def test_vit_b_predictor_matches_official(seed):
+    off = sa.sam_model_registry["vit_b"]()
+    randomise(off, seed)
+    ours = ours_from(off)
+    image = rand_image(seed, 300, 400)
+    p_off, p_ours = sa.SamPredictor(off), SamPredictor(ours)
+    p_off.set_image(image)
+    p_ours.set_image(image)
+    torch.testing.assert_close(p_ours.get_image_embedding(), p_off.get_image_embedding(), atol=1e-5, rtol=1e-5)
+    for prompt in PROMPTS:
+        want = p_off.predict(**prompt, return_logits=True)
+        got = p_ours.predict(**prompt, return_logits=True)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_remove_small_regions_matches_official(seed, monkeypatch, mode):
+    import sys
+
+    from segment_anything.utils.amg import remove_small_regions as official
+
+    from instseg_ops.models.sam.amg import remove_small_regions
+    from test_masks_ops import random_masks
+    monkeypatch.setitem(sys.modules, "cv2", FakeCv2)
+    gen = torch.Generator().manual_seed(seed)
+    changed_any = False
+    for m in random_masks(gen, 8, 37, 29).bool():
+        for thresh in (3, 20, 1000):
+            want, want_changed = official(m.numpy(), thresh, mode)
+            got, got_changed = remove_small_regions(m, thresh, mode)
+            assert got_changed == want_changed and np.array_equal(got.numpy(), want)
+            changed_any |= want_changed
+    assert changed_any

@@ -48,19 +48,21 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor
     return rel_pos[index.long()]
 
 
-def relative_position_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
-                           q_hw: Tuple[int, int], k_hw: Tuple[int, int]) -> Tensor:
-    """Decomposed relative position bias (MViTv2): for queries ``q`` (B, qh * qw, C), the
-    (B, qh * qw, kh * kw) term added to the attention logits."""
+def add_relative_position_bias(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
+                               q_hw: Tuple[int, int], k_hw: Tuple[int, int]) -> Tensor:
+    """Decomposed relative positions (MViTv2): adds to the attention logits ``attn``
+    (B, qh * qw, kh * kw) the terms of queries ``q`` (B, qh * qw, C) with the row and column
+    tables (in the official order of operations, so that results are bitwise the same)."""
     qh, qw = q_hw
     kh, kw = k_hw
     table_h = relative_position_table(qh, kh, rel_pos_h)
     table_w = relative_position_table(qw, kw, rel_pos_w)
     b, _, c = q.shape
     rq = q.reshape(b, qh, qw, c)
-    bias_h = torch.einsum("byxc,ykc->byxk", rq, table_h)
-    bias_w = torch.einsum("byxc,xkc->byxk", rq, table_w)
-    return (bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]).reshape(b, qh * qw, kh * kw)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", rq, table_h)
+    bias_w = torch.einsum("bhwc,wkc->bhwk", rq, table_w)
+    attn = attn.view(b, qh, qw, kh, kw) + bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
+    return attn.view(b, qh * qw, kh * kw)
 
 
 class Attention(nn.Module):
@@ -85,6 +87,7 @@ class Attention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
     # (B * heads) rows attended at a time: bounds the memory of the logits of global attention.
+    # The logits are computed as the official's (not fused), so that outputs are the same bits.
     chunk_elements = 1 << 26
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,10 +99,10 @@ class Attention(nn.Module):
         outs = []
         for s in range(0, q.shape[0], rows):
             qs, ks, vs = q[s:s + rows], k[s:s + rows], v[s:s + rows]
-            bias = None
+            attn = (qs * self.scale) @ ks.transpose(-2, -1)
             if self.use_rel_pos:
-                bias = relative_position_bias(qs, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=self.scale))
+                attn = add_relative_position_bias(attn, qs, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            outs.append(attn.softmax(dim=-1) @ vs)
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)

@@ -67,6 +67,7 @@ class SamPredictor:
             if point_coords.ndim != 2 or point_coords.shape[1] != 2 or point_labels.shape != point_coords.shape[:1]:
                 raise ValueError(f"point_coords must be (N, 2) and point_labels (N,), got "
                                  f"{point_coords.shape} and {point_labels.shape}")
+            self._check_inside(point_coords, "point_coords")
             coords = self.transform.apply_coords(point_coords, self.original_size)
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
@@ -74,13 +75,29 @@ class SamPredictor:
             box = np.asarray(box)
             if box.size != 4:
                 raise ValueError(f"box must be 4 numbers XYXY, got shape {box.shape}")
+            self._check_inside(box.reshape(2, 2), "box")
+            if box.reshape(-1)[2] < box.reshape(-1)[0] or box.reshape(-1)[3] < box.reshape(-1)[1]:
+                raise ValueError(f"box must be XYXY with x1 <= x2 and y1 <= y2, got {box.reshape(-1).tolist()}")
             box_t = torch.as_tensor(self.transform.apply_boxes(box, self.original_size), dtype=torch.float,
                                     device=self.device)[None]
         if mask_input is not None:
+            want = (1,) + tuple(self.model.prompt_encoder.mask_input_size)
+            if np.shape(mask_input) != want:
+                raise ValueError(f"mask_input must be {want} low-resolution logits (a previous call's third "
+                                 f"output), got shape {np.shape(mask_input)}")
             mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
         masks, iou, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output,
                                                  return_logits=return_logits)
         return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def _check_inside(self, xy: np.ndarray, what: str) -> None:
+        """Prompts are pixel coordinates of the original image: [0, W] x [0, H]."""
+        h, w = self.original_size
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        bad = ~np.isfinite(xy).all(1) | (xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)
+        if bad.any():
+            raise ValueError(f"{what}: {xy[bad].tolist()} outside the {w}x{h} (W x H) image; prompts are XY "
+                             "pixel coordinates of the image given to set_image")
 
     @torch.no_grad()
     def predict_torch(self, point_coords: Optional[Tensor], point_labels: Optional[Tensor],

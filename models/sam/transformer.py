@@ -3,7 +3,7 @@ embedding attends back to the tokens, at every layer."""
 import math
 from typing import Tuple, Type
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from .common import MLPBlock
@@ -31,7 +31,9 @@ class Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+        attn = q @ k.permute(0, 1, 3, 2)   # the official's order of operations (same bits)
+        attn = torch.softmax(attn / math.sqrt(q.shape[-1]), dim=-1)
+        out = attn @ v
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 

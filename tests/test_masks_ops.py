@@ -1,0 +1,198 @@
+"""The binary-mask ops: ``connected_components`` (CPU kernel; CUDA kernel through the
+emulation in test_cuda_emulated.py) against a plain-Python breadth-first labelling,
+``masks_to_rle`` against pycocotools and the official SAM loop, ``masks_to_boxes``,
+``stability_score``; fake kernels and opcheck; bad input."""
+import numpy as np
+import pytest
+import torch
+from torch.library import opcheck
+
+import instseg_ops
+
+
+def reference_label(mask: np.ndarray, connectivity: int = 8):
+    """Breadth-first labelling in plain Python: labels numbered in raster order of their first
+    pixel (as scipy.ndimage.label), and the area of each."""
+    from collections import deque
+    h, w = mask.shape
+    labels = np.zeros((h, w), dtype=np.int32)
+    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if connectivity == 8:
+        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    areas = []
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x] and not labels[y, x]:
+                k = len(areas) + 1
+                labels[y, x] = k
+                queue, n = deque([(y, x)]), 0
+                while queue:
+                    cy, cx = queue.popleft()
+                    n += 1
+                    for dy, dx in steps:
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                            labels[ny, nx] = k
+                            queue.append((ny, nx))
+                areas.append(n)
+    return labels, np.array(areas, dtype=np.int64)
+
+
+
+def random_masks(gen, n, h, w, density=None):
+    """Blobs of random density, some empty and some full masks, as uint8."""
+    if n * h * w == 0:
+        return torch.zeros((n, h, w), dtype=torch.uint8)
+    d = torch.rand(n, 1, 1, generator=gen) if density is None else torch.full((n, 1, 1), density)
+    noise = torch.rand(n, 1, max(1, h // 3), max(1, w // 3), generator=gen)
+    smooth = torch.nn.functional.interpolate(noise, (h, w), mode="bilinear", align_corners=False)[:, 0]
+    masks = (smooth + 0.3 * torch.rand(n, h, w, generator=gen)) < d * 1.3
+    if n > 2:
+        masks[0] = False
+        masks[1] = True
+    return masks.to(torch.uint8)
+
+
+def check_against_reference(masks, connectivity, labels, areas):
+    n = masks.shape[0]
+    assert labels.dtype == torch.int32 and labels.shape == masks.shape
+    assert areas.dtype == torch.int64 and areas.shape[0] == n
+    k_max = 0
+    for i in range(n):
+        want_l, want_a = reference_label(masks[i].numpy().astype(bool), connectivity)
+        assert np.array_equal(labels[i].numpy(), want_l), f"mask {i}"
+        k = len(want_a)
+        k_max = max(k_max, k)
+        assert np.array_equal(areas[i, :k].numpy(), want_a) and not areas[i, k:].any()
+    assert areas.shape[1] == k_max
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("shape", [(5, 17, 23), (3, 1, 40), (3, 40, 1), (1, 64, 64), (4, 2, 3)])
+def test_connected_components_matches_reference(seed, connectivity, shape):
+    gen = torch.Generator().manual_seed(seed)
+    masks = random_masks(gen, *shape)
+    labels, areas = instseg_ops.connected_components(masks.bool(), connectivity)
+    check_against_reference(masks, connectivity, labels, areas)
+    for dtype in (torch.uint8, torch.int64):   # nonzero = foreground
+        l2, a2 = instseg_ops.connected_components((masks * 3).to(dtype), connectivity)
+        assert torch.equal(l2, labels) and torch.equal(a2, areas)
+
+
+def test_connected_components_shapes_that_need_many_rounds():
+    """A spiral and a comb: long paths through the mask, and 4- vs 8-connectivity differing."""
+    h = w = 31
+    spiral = np.zeros((h, w), dtype=bool)
+    y0, x0, y1, x1 = 0, 0, h - 1, w - 1
+    while y0 <= y1 and x0 <= x1:
+        spiral[y0, x0:x1 + 1] = True
+        spiral[y0:y1 + 1, x1] = True
+        spiral[y1, x0:x1 + 1] = True
+        spiral[y0 + 2:y1 + 1, x0] = True
+        if y0 + 2 <= y1:
+            spiral[y0 + 2, x0:x1 - 1] = True
+        y0, x0, y1, x1 = y0 + 2, x0 + 2, y1 - 2, x1 - 2
+    diag = np.eye(h, dtype=bool) | np.eye(h, dtype=bool)[::-1]
+    comb = np.zeros((h, w), dtype=bool)
+    comb[:, ::2] = True
+    comb[0] = True
+    masks = torch.from_numpy(np.stack([spiral, diag, comb, ~spiral]))
+    for c in (4, 8):
+        labels, areas = instseg_ops.connected_components(masks, c)
+        check_against_reference(masks, c, labels, areas)
+
+
+def test_connected_components_empty_and_errors():
+    for shape in [(0, 5, 5), (2, 0, 7), (2, 7, 0)]:
+        labels, areas = instseg_ops.connected_components(torch.zeros(shape, dtype=torch.bool))
+        assert labels.shape == shape and labels.dtype == torch.int32 and areas.shape == (shape[0], 0)
+    with pytest.raises(RuntimeError, match="Tensor\\[N, H, W\\]"):
+        instseg_ops.connected_components(torch.zeros(5, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="threshold logits"):
+        instseg_ops.connected_components(torch.zeros(1, 5, 5))
+    with pytest.raises(RuntimeError, match="connectivity must be 4 or 8"):
+        instseg_ops.connected_components(torch.zeros(1, 5, 5, dtype=torch.bool), 6)
+    with pytest.raises(TypeError):
+        instseg_ops.connected_components(np.zeros((1, 5, 5), dtype=bool))
+
+
+def test_connected_components_opcheck_and_fake(seed):
+    gen = torch.Generator().manual_seed(seed)
+    masks = random_masks(gen, 3, 12, 9).bool()
+    opcheck(torch.ops.instseg.connected_components.default, (masks, 8))
+    opcheck(torch.ops.instseg.connected_components.default, (masks, 4))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        labels, areas = torch.ops.instseg.connected_components(mode.from_tensor(masks), 8)
+    assert labels.shape == masks.shape and labels.dtype == torch.int32 and areas.dtype == torch.int64
+
+
+def test_connected_components_poisoned_outputs(seed):
+    """Uninitialised outputs are filled with garbage: every element must be written."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        masks = random_masks(gen, 4, 13, 11)
+        check_against_reference(masks, 8, *instseg_ops.connected_components(masks, 8))
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+# --------------------------------------------------------------------------- RLE, boxes, stability
+
+def official_rle(tensor):
+    """segment-anything's mask_to_rle_pytorch, restated (a loop over masks in Python)."""
+    b, h, w = tensor.shape
+    tensor = tensor.permute(0, 2, 1).flatten(1)
+    diff = tensor[:, 1:] ^ tensor[:, :-1]
+    change = diff.nonzero()
+    out = []
+    for i in range(b):
+        idx = change[change[:, 0] == i, 1]
+        idx = torch.cat([torch.tensor([0]), idx + 1, torch.tensor([h * w])])
+        counts = [] if tensor[i, 0] == 0 else [0]
+        counts.extend((idx[1:] - idx[:-1]).tolist())
+        out.append({"size": [h, w], "counts": counts})
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 19, 27), (3, 1, 9), (2, 9, 1), (1, 32, 32)])
+def test_masks_to_rle_matches_official_loop_and_pycocotools(seed, shape):
+    from pycocotools import mask as mask_utils
+    gen = torch.Generator().manual_seed(seed)
+    masks = random_masks(gen, *shape).bool()
+    got = instseg_ops.masks_to_rle(masks)
+    assert got == official_rle(masks)
+    for rle, m in zip(got, masks):
+        coco = mask_utils.frPyObjects(rle, *rle["size"])
+        assert np.array_equal(mask_utils.decode(coco), m.numpy().astype(np.uint8))
+        assert mask_utils.area(coco) == int(m.sum()) == sum(rle["counts"][1::2])
+    assert instseg_ops.masks_to_rle(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
+
+
+def test_masks_to_boxes(seed):
+    gen = torch.Generator().manual_seed(seed)
+    masks = random_masks(gen, 7, 21, 17).bool()
+    boxes = instseg_ops.masks_to_boxes(masks)
+    assert boxes.dtype == torch.int64 and boxes.shape == (7, 4)
+    for m, b in zip(masks, boxes):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        want = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max(), ys.max()]
+        assert b.tolist() == [int(v) for v in want]
+    assert instseg_ops.masks_to_boxes(masks.reshape(7, 1, 21, 17)).shape == (7, 1, 4)
+    assert instseg_ops.masks_to_boxes(torch.zeros((0, 3, 3), dtype=torch.bool)).shape == (0, 4)
+    torchvision = pytest.importorskip("torchvision")
+    keep = masks.flatten(1).any(1)
+    assert torch.equal(boxes[keep].float(), torchvision.ops.masks_to_boxes(masks[keep]))
+
+
+def test_stability_score(seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 20, 30, generator=gen) * 3
+    got = instseg_ops.stability_score(logits, 0.0, 1.0)
+    want = (logits > 1).flatten(1).sum(1).float() / (logits > -1).flatten(1).sum(1).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
