@@ -1,0 +1,238 @@
+"""Benchmark SAM's automatic mask generator (``instseg_ops.models.sam``) against the official
+``segment_anything`` one with the same weights, and the mask ops against their references.
+
+AMG end to end (CPU): the tiny configuration (``sam_vit_tiny``; 256-px input) with random
+weights, every tensor re-randomised (seed 0) and the hypernetworks' last layer scaled so that
+mask logits are a few units (a random model otherwise has stability scores near 0), copied
+into both models. Image: a generated 384x512 RGB picture of random flat-coloured discs and
+rectangles (seed 0). Generators: points_per_side 16 (256 points), points_per_batch 64, the
+official defaults otherwise; two settings: ``defaults`` (pred_iou_thresh 0.88,
+stability_score_thresh 0.95) and ``loose`` (IoU threshold at the median predicted IoU of the
+grid, stability 0.7, box NMS 1.0: many more masks survive to the end). Each side runs in its
+own subprocess: one warm-up ``generate``, then the median of --repeats timed calls; peak
+memory = the process's peak RSS (ru_maxrss) minus its RSS before the first ``generate``. The
+two outputs are compared (count, and every mask's crop box, point, area and segmentation).
+
+Ops alone: ``masks_to_rle`` on 64 random 512x512 masks vs segment-anything's
+``mask_to_rle_pytorch`` (a Python loop over masks); ``connected_components`` on the same
+masks vs ``scipy.ndimage.label`` or OpenCV's ``connectedComponentsWithStats`` when installed
+(else only ours is timed).
+
+Run: PYTHONPATH=. python benchmarks/bench_sam.py [--repeats 3] [--out benchmarks/out/sam_cpu.json]
+"""
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def shapes_image(seed, h, w):
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8) + rng.integers(0, 256, 3).astype(np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(12):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(10, 60)
+        col = rng.integers(0, 256, 3)
+        if rng.random() < 0.5:
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = col
+        else:
+            img[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = col
+    return img
+
+
+def random_state_dict(seed=0):
+    from instseg_ops.models import get_model
+    model = get_model("sam_vit_tiny")
+    g = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    for name, t in sd.items():
+        if name.endswith("positional_encoding_gaussian_matrix"):
+            t.copy_(torch.randn(t.shape, generator=g))
+        elif t.dim() == 1 and "norm" in name and name.endswith("weight"):
+            t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
+        else:
+            fan_in = t[0].numel() if t.dim() > 1 else 16
+            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(fan_in))
+            if "output_hypernetworks_mlps" in name and ".layers.2." in name:
+                t.mul_(20)
+    return sd
+
+
+def official_model(sd):
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    from instseg_ops.models.sam.model import TINY_CONFIG as c
+    grid = c["img_size"] // c["patch_size"]
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=c["encoder_depth"], embed_dim=c["encoder_embed_dim"], img_size=c["img_size"], mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c["encoder_num_heads"],
+            patch_size=c["patch_size"], qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=c["encoder_global_attn_indexes"], window_size=c["window_size"],
+            out_chans=c["prompt_embed_dim"]),
+        prompt_encoder=PromptEncoder(embed_dim=c["prompt_embed_dim"], image_embedding_size=(grid, grid),
+                                     input_image_size=(c["img_size"], c["img_size"]),
+                                     mask_in_chans=c["mask_in_chans"]),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+            depth=c["decoder_depth"], embedding_dim=c["prompt_embed_dim"], mlp_dim=c["decoder_mlp_dim"],
+            num_heads=c["decoder_num_heads"]), transformer_dim=c["prompt_embed_dim"], iou_head_depth=3,
+            iou_head_hidden_dim=c["iou_head_hidden_dim"]),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375]).eval()
+    sam.load_state_dict(sd)
+    return sam
+
+
+def _rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _run_side(side, sd_path, kwargs, repeats, threads, conn):
+    torch.set_num_threads(threads)
+    sd = torch.load(sd_path)
+    if side == "official":
+        import segment_anything as sa
+        gen = sa.SamAutomaticMaskGenerator(official_model(sd), **kwargs)
+    else:
+        from instseg_ops.models import get_model
+        from instseg_ops.models.sam import SamAutomaticMaskGenerator
+        model = get_model("sam_vit_tiny")
+        model.load_state_dict(sd)
+        gen = SamAutomaticMaskGenerator(model, **kwargs)
+    image = shapes_image(0, 384, 512)
+    before = _rss_kb()
+    out = gen.generate(image)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = gen.generate(image)
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    summary = sorted((tuple(a["crop_box"]), tuple(a["point_coords"][0]), a["area"],
+                      np.packbits(a["segmentation"]).tobytes()) for a in out)
+    conn.send({"ms": 1000 * statistics.median(times), "peak_mb": peak / 1024, "masks": len(out),
+               "summary": summary})
+
+
+def run_side(side, sd_path, kwargs, repeats, threads):
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_run_side, args=(side, sd_path, kwargs, repeats, threads, b))
+    p.start()
+    res = a.recv()
+    p.join()
+    return res
+
+
+def median_iou(sd, points_per_side):
+    from instseg_ops.models import get_model
+    from instseg_ops.models.sam import SamPredictor
+    from instseg_ops.models.sam.amg import build_point_grid
+    model = get_model("sam_vit_tiny")
+    model.load_state_dict(sd)
+    p = SamPredictor(model)
+    image = shapes_image(0, 384, 512)
+    p.set_image(image)
+    pts = build_point_grid(points_per_side) * np.array(image.shape[:2])[None, ::-1]
+    _, iou, _ = p.predict_torch(torch.as_tensor(p.transform.apply_coords(pts, image.shape[:2]))[:, None],
+                                torch.ones(len(pts), 1, dtype=torch.int))
+    return float(iou.median())
+
+
+def time_fn(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000 * statistics.median(ts)
+
+
+def bench_ops(repeats):
+    import instseg_ops
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(64, 1, 32, 32, generator=g)
+    masks = torch.nn.functional.interpolate(noise, (512, 512), mode="bilinear", align_corners=False)[:, 0] > 0.6
+    rows = []
+    try:
+        from segment_anything.utils.amg import mask_to_rle_pytorch
+        ref = time_fn(lambda: mask_to_rle_pytorch(masks), repeats)
+        assert mask_to_rle_pytorch(masks) == instseg_ops.masks_to_rle(masks)
+    except ImportError:
+        ref = None
+    ours = time_fn(lambda: instseg_ops.masks_to_rle(masks), repeats)
+    rows.append({"op": "masks_to_rle 64x512x512", "ours_ms": ours, "reference": "mask_to_rle_pytorch",
+                 "reference_ms": ref})
+    ref_name, ref_ms = None, None
+    try:
+        import scipy.ndimage as ndi
+        ref_name = "scipy.ndimage.label"
+        ref_ms = time_fn(lambda: [ndi.label(m, structure=np.ones((3, 3))) for m in masks.numpy()], repeats)
+    except ImportError:
+        try:
+            import cv2
+            ref_name = "cv2.connectedComponentsWithStats"
+            ref_ms = time_fn(lambda: [cv2.connectedComponentsWithStats(m.astype(np.uint8), 8)
+                                      for m in masks.numpy()], repeats)
+        except ImportError:
+            pass
+    ours = time_fn(lambda: instseg_ops.connected_components(masks, 8), repeats)
+    rows.append({"op": "connected_components 64x512x512", "ours_ms": ours, "reference": ref_name,
+                 "reference_ms": ref_ms})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="benchmarks/out/sam_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    sd = random_state_dict(0)
+    sd_path = args.out + ".weights.pt"
+    torch.save(sd, sd_path)
+    settings = {
+        "defaults": dict(points_per_side=args.points_per_side),
+        "loose": dict(points_per_side=args.points_per_side, pred_iou_thresh=median_iou(sd, args.points_per_side),
+                      stability_score_thresh=0.7, box_nms_thresh=1.0),
+    }
+    rows = []
+    print(f"{'setting':10} {'official ms':>12} {'ours ms':>10} {'speedup':>8} {'off MB':>8} {'ours MB':>8} "
+          f"{'masks':>6} identical")
+    for name, kw in settings.items():
+        off = run_side("official", sd_path, kw, args.repeats, args.threads)
+        ours = run_side("ours", sd_path, kw, args.repeats, args.threads)
+        same = off["summary"] == ours["summary"]
+        row = {"setting": name, "kwargs": kw, "official_ms": off["ms"], "ours_ms": ours["ms"],
+               "speedup": off["ms"] / ours["ms"], "official_peak_mb": off["peak_mb"], "ours_peak_mb": ours["peak_mb"],
+               "masks": ours["masks"], "official_masks": off["masks"], "identical": same}
+        rows.append(row)
+        print(f"{name:10} {off['ms']:12.1f} {ours['ms']:10.1f} {row['speedup']:8.2f} {off['peak_mb']:8.1f} "
+              f"{ours['peak_mb']:8.1f} {ours['masks']:6d} {same}")
+    ops = bench_ops(args.repeats)
+    for r in ops:
+        ref = "n/a" if r["reference_ms"] is None else f"{r['reference_ms']:.1f} ms"
+        print(f"{r['op']:34} ours {r['ours_ms']:.1f} ms   {r['reference'] or 'no reference installed'}: {ref}")
+    os.remove(sd_path)
+    meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+            "points_per_side": args.points_per_side, "repeats": args.repeats, "image": "384x512 shapes, seed 0"}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "amg": rows, "ops": ops}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
