@@ -402,3 +402,33 @@ def test_remove_small_regions_matches_official(seed, monkeypatch, mode):
             assert got_changed == want_changed and np.array_equal(got.numpy(), want)
             changed_any |= want_changed
     assert changed_any
+
+
+def test_training_losses_decrease(seed):
+    """A few Adam steps of the tiny model on one image with two shapes lower the losses."""
+    torch.manual_seed(seed)
+    model = get_model("sam_vit_tiny").train()
+    img = torch.full((3, 96, 128), 0.2)
+    masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
+    masks[0, 10:50, 20:70] = 1
+    yy, xx = torch.meshgrid(torch.arange(96), torch.arange(128), indexing="ij")
+    masks[1] = ((yy - 65) ** 2 + (xx - 95) ** 2 < 20 ** 2).to(torch.uint8)
+    img[0][masks[0].bool()] = 0.9
+    img[1][masks[1].bool()] = 0.7
+    boxes = torch.tensor([[20.0, 10.0, 70.0, 50.0], [75.0, 45.0, 115.0, 85.0]])
+    targets = [{"masks": masks, "boxes": boxes, "labels": torch.ones(2, dtype=torch.long)}]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(12):
+        losses = model([img], targets)
+        assert set(losses) == {"loss_focal", "loss_dice", "loss_iou"}
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        first = float(total) if first is None else first
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert float(sum(model([img], targets).values())) < 0.8 * first
+    empty = [{"masks": torch.zeros(0, 96, 128, dtype=torch.uint8), "boxes": torch.zeros(0, 4),
+              "labels": torch.zeros(0, dtype=torch.long)}]
+    assert float(sum(model([img], empty).values())) == 0.0

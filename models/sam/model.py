@@ -62,7 +62,19 @@ class Sam(nn.Module):
         masks = masks[..., :input_size[0], :input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
-    def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, Tensor]]:
+    def forward(self, batched_input, multimask_output: bool = True, targets=None):
+        """In training mode with images and targets (``model(images, targets)``, as the
+        trainer calls it): the training losses of ``training.sam_losses``. Otherwise the
+        official batched interface (``_forward_official``)."""
+        if isinstance(multimask_output, (list, tuple)):   # model(images, targets)
+            targets, multimask_output = multimask_output, True
+        if targets is not None:
+            from .training import sam_losses
+            return sam_losses(self, batched_input, targets)
+        return self._forward_official(batched_input, multimask_output)
+
+    def _forward_official(self, batched_input: List[Dict[str, Any]], multimask_output: bool
+                          ) -> List[Dict[str, Tensor]]:
         """The official batched interface: each dict has ``image`` (3, h, w, already
         resized), ``original_size`` (H, W) and optional ``point_coords`` (B, N, 2),
         ``point_labels`` (B, N), ``boxes`` (B, 4), ``mask_inputs`` (B, 1, 4h', 4w'). Returns
