@@ -5,7 +5,7 @@ AMG end to end (CPU): the tiny configuration (``sam_vit_tiny``; 256-px input) wi
 weights, every tensor re-randomised (seed 0) and the hypernetworks' last layer scaled so that
 mask logits are a few units (a random model otherwise has stability scores near 0), copied
 into both models. Image: a generated 384x512 RGB picture of random flat-coloured discs and
-rectangles (seed 0). Generators: points_per_side 16 (256 points), points_per_batch 64, the
+rectangles (seed 0; 768x1024 with ``--config 1024``). Generators: points_per_side 16 (256 points), points_per_batch 64, the
 official defaults otherwise; two settings: ``defaults`` (pred_iou_thresh 0.88,
 stability_score_thresh 0.95) and ``loose`` (IoU threshold at the median predicted IoU of the
 grid, stability 0.7, box NMS 1.0: many more masks survive to the end). Each side runs in its
@@ -18,7 +18,10 @@ Ops alone: ``masks_to_rle`` on 64 random 512x512 masks vs segment-anything's
 masks vs ``scipy.ndimage.label`` or OpenCV's ``connectedComponentsWithStats`` when installed
 (else only ours is timed).
 
-Run: PYTHONPATH=. python benchmarks/bench_sam.py [--repeats 3] [--out benchmarks/out/sam_cpu.json]
+``--config 1024``: the official 1024-px input and 256-wide decoder with a 2-block 96-wide
+encoder (vit_b/l/h's decoder, upsampling and post-processing costs without their encoder).
+
+Run: PYTHONPATH=. python benchmarks/bench_sam.py [--config tiny|1024] [--repeats 3] [--settings defaults,loose]
 """
 import argparse
 import json
@@ -48,9 +51,28 @@ def shapes_image(seed, h, w):
     return img
 
 
-def random_state_dict(seed=0):
+CONFIGS = {
+    "tiny": {},   # TINY_CONFIG: 256-px input, 64-wide decoder
+    # the official 1024-px input and 256-wide decoder with a 2-block, 96-wide encoder: the
+    # decoder, upsampling and post-processing costs of vit_b/l/h, a cheap encoder
+    "1024": dict(encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=3, encoder_global_attn_indexes=(1,),
+                 img_size=1024, patch_size=16, window_size=14, prompt_embed_dim=256, decoder_depth=2,
+                 decoder_mlp_dim=2048, decoder_num_heads=8, mask_in_chans=16, iou_head_hidden_dim=256),
+}
+CONFIG = {}
+
+
+def image_hw():
+    return (768, 1024) if CONFIG.get("img_size") == 1024 else (384, 512)
+
+
+def build_ours():
     from instseg_ops.models import get_model
-    model = get_model("sam_vit_tiny")
+    return get_model("sam_vit_tiny", **CONFIG)
+
+
+def random_state_dict(seed=0):
+    model = build_ours()
     g = torch.Generator().manual_seed(seed)
     sd = model.state_dict()
     for name, t in sd.items():
@@ -71,7 +93,8 @@ def official_model(sd):
 
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    from instseg_ops.models.sam.model import TINY_CONFIG as c
+    from instseg_ops.models.sam.model import TINY_CONFIG
+    c = {**TINY_CONFIG, **CONFIG}
     grid = c["img_size"] // c["patch_size"]
     sam = Sam(
         image_encoder=ImageEncoderViT(
@@ -97,19 +120,19 @@ def _rss_kb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def _run_side(side, sd_path, kwargs, repeats, threads, conn):
+def _run_side(side, sd_path, kwargs, repeats, threads, config, conn):
     torch.set_num_threads(threads)
+    CONFIG.update(config)
     sd = torch.load(sd_path)
     if side == "official":
         import segment_anything as sa
         gen = sa.SamAutomaticMaskGenerator(official_model(sd), **kwargs)
     else:
-        from instseg_ops.models import get_model
         from instseg_ops.models.sam import SamAutomaticMaskGenerator
-        model = get_model("sam_vit_tiny")
+        model = build_ours()
         model.load_state_dict(sd)
         gen = SamAutomaticMaskGenerator(model, **kwargs)
-    image = shapes_image(0, 384, 512)
+    image = shapes_image(0, *image_hw())
     before = _rss_kb()
     out = gen.generate(image)
     times = []
@@ -127,7 +150,7 @@ def _run_side(side, sd_path, kwargs, repeats, threads, conn):
 def run_side(side, sd_path, kwargs, repeats, threads):
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
-    p = ctx.Process(target=_run_side, args=(side, sd_path, kwargs, repeats, threads, b))
+    p = ctx.Process(target=_run_side, args=(side, sd_path, kwargs, repeats, threads, dict(CONFIG), b))
     p.start()
     res = a.recv()
     p.join()
@@ -135,13 +158,12 @@ def run_side(side, sd_path, kwargs, repeats, threads):
 
 
 def median_iou(sd, points_per_side):
-    from instseg_ops.models import get_model
     from instseg_ops.models.sam import SamPredictor
     from instseg_ops.models.sam.amg import build_point_grid
-    model = get_model("sam_vit_tiny")
+    model = build_ours()
     model.load_state_dict(sd)
     p = SamPredictor(model)
-    image = shapes_image(0, 384, 512)
+    image = shapes_image(0, *image_hw())
     p.set_image(image)
     pts = build_point_grid(points_per_side) * np.array(image.shape[:2])[None, ::-1]
     _, iou, _ = p.predict_torch(torch.as_tensor(p.transform.apply_coords(pts, image.shape[:2]))[:, None],
@@ -198,8 +220,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--points-per-side", type=int, default=16)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="benchmarks/out/sam_cpu.json")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    ap.add_argument("--settings", default="defaults,loose")
+    ap.add_argument("--no-ops", action="store_true")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    CONFIG.update(CONFIGS[args.config])
+    args.out = args.out or f"benchmarks/out/sam_cpu_{args.config}.json"
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     sd = random_state_dict(0)
@@ -214,6 +241,8 @@ def main():
     print(f"{'setting':10} {'official ms':>12} {'ours ms':>10} {'speedup':>8} {'off MB':>8} {'ours MB':>8} "
           f"{'masks':>6} identical")
     for name, kw in settings.items():
+        if name not in args.settings.split(","):
+            continue
         off = run_side("official", sd_path, kw, args.repeats, args.threads)
         ours = run_side("ours", sd_path, kw, args.repeats, args.threads)
         same = off["summary"] == ours["summary"]
@@ -223,13 +252,14 @@ def main():
         rows.append(row)
         print(f"{name:10} {off['ms']:12.1f} {ours['ms']:10.1f} {row['speedup']:8.2f} {off['peak_mb']:8.1f} "
               f"{ours['peak_mb']:8.1f} {ours['masks']:6d} {same}")
-    ops = bench_ops(args.repeats)
+    ops = [] if args.no_ops else bench_ops(args.repeats)
     for r in ops:
         ref = "n/a" if r["reference_ms"] is None else f"{r['reference_ms']:.1f} ms"
         print(f"{r['op']:34} ours {r['ours_ms']:.1f} ms   {r['reference'] or 'no reference installed'}: {ref}")
     os.remove(sd_path)
     meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "points_per_side": args.points_per_side, "repeats": args.repeats, "image": "384x512 shapes, seed 0"}
+            "points_per_side": args.points_per_side, "config": args.config, "repeats": args.repeats,
+            "image": f"{image_hw()[0]}x{image_hw()[1]} shapes, seed 0"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "amg": rows, "ops": ops}, f, indent=1)
 
