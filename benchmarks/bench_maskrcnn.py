@@ -180,8 +180,11 @@ def run_device(device, args, rows):
         print("  ".join(c.rjust(wd) for c, (_, wd) in zip(cells, COLUMNS)), flush=True)
     post_o = sum(statistics.median(per["ours"][s]) for s in ("rpn", "box", "mask", "paste"))
     post_t = sum(statistics.median(per["tv"][s]) for s in ("rpn", "box", "mask", "paste"))
+    post_samples = {name: [sum(per[name][s][i] for s in ("rpn", "box", "mask", "paste")) for i in range(args.repeats)]
+                    for name in ("ours", "tv")}
     rows.append({"device": device, "stage": "post_backbone", "ours_ms": post_o, "tv_ms": post_t,
-                 "speedup": post_t / post_o})
+                 "speedup": post_t / post_o, "ours_samples_ms": post_samples["ours"],
+                 "tv_samples_ms": post_samples["tv"]})
     print("  ".join(c.rjust(wd) for c, (_, wd) in zip(
         [device, "post-bb", f"{post_o:.1f}", f"{post_t:.1f}", f"{post_t / post_o:.2f}x"], COLUMNS)), flush=True)
 
