@@ -12,10 +12,10 @@ also goes to ``summary.txt`` and, as data, to ``summary.json``.
 import argparse
 import glob
 import json
-import math
 import os
 import statistics
 import sys
+import textwrap
 import time
 
 # benchmark file stem -> (op or model, peer)
@@ -40,14 +40,25 @@ def _case(op, device, label, speedup, check_ok, diff=None):
     return {"op": op, "device": device, "label": label, "speedup": speedup, "ok": check_ok, "diff": diff}
 
 
+def _peer_na(op, row, label):
+    """A case only we ran (the peer does not support it, e.g. bfloat16 in torchvision's CPU
+    kernels): no speedup, listed as coverage."""
+    if row.get("ours_ms") is None:
+        return []
+    c = _case(op, row["device"], label, None, True, None)
+    c["peer_na"] = row.get("dtype")
+    return [c]
+
+
 def cases_roi_like(stem, data):
     op = PEERS[stem][0]
     out = []
     for r in data["rows"]:
-        if r.get("speedup") is None:
-            continue
         label = (f"{SHORT_DTYPE.get(r['dtype'], r['dtype'])} {SHORT_LAYOUT.get(r['layout'], r['layout'])} "
                  f"{r['pass']} {r['output_size']}x{r['output_size']}")
+        if r.get("speedup") is None:
+            out += _peer_na(op, r, label)
+            continue
         d = r.get("max_abs_diff")
         tol = 1e-4 if r["dtype"] in ("float32", "float64") else 5e-2
         out.append(_case(op, r["device"], label, r["speedup"], d is not None and d <= tol, d))
@@ -57,11 +68,12 @@ def cases_roi_like(stem, data):
 def cases_nms(data):
     out = []
     for r in data["rows"]:
-        if r.get("speedup") is None:
-            continue
         label = f"{SHORT_DTYPE.get(r['dtype'], r['dtype'])} N={r['num_boxes']}"
         if r["categories"]:
             label += f" C={r['categories']}"
+        if r.get("speedup") is None:
+            out += _peer_na(r["op"], r, label)
+            continue
         out.append(_case(r["op"], r["device"], label, r["speedup"], bool(r.get("identical")), None))
     return out
 
@@ -69,21 +81,33 @@ def cases_nms(data):
 def cases_paste(data):
     out = []
     for r in data["rows"]:
-        if r.get("speedup") is None:
-            continue
         label = f"{SHORT_DTYPE.get(r['dtype'], r['dtype'])} {r['case']} {r['comparison']}"
+        if r.get("speedup") is None:
+            out += _peer_na("paste_masks", r, label)
+            continue
         d = r.get("diff")
-        tol = 0.0 if r["comparison"].endswith("bool") or "bool" in r["comparison"] else 1e-3
-        out.append(_case("paste_masks", r["device"], label, r["speedup"], d is not None and d <= tol, d))
+        half = r["dtype"] in ("float16", "bfloat16")
+        if "bool" in r["comparison"]:
+            # d = pixels that differ over the first 10 pasted masks; float32 must agree exactly, half
+            # precision may flip pixels within rounding of the 0.5 threshold (the peer computes in half,
+            # ours in float32): at most 1 in 10^4 of them.
+            h, w = (int(v) for v in r["case"].split("x"))
+            tol = 1e-4 * 10 * h * w if half else 0.0
+            c = _case("paste_masks", r["device"], label, r["speedup"], d is not None and d <= tol, None)
+            c["pixels"] = d
+        else:
+            c = _case("paste_masks", r["device"], label, r["speedup"], d is not None and d <= (2e-3 if half else 1e-5), d)
+        out.append(c)
     return out
 
 
 def cases_msda(data):
     out = []
     for r in data["rows"]:
-        if r.get("speedup") is None:
-            continue
         label = f"{SHORT_DTYPE.get(r['dtype'], r['dtype'])} {r['shape']} {r['pass_']}"
+        if r.get("speedup") is None:
+            out += _peer_na("ms_deform_attn", r, label)
+            continue
         d = r.get("max_diff")
         out.append(_case("ms_deform_attn", r["device"], label, r["speedup"], d is not None and d <= 1e-4, d))
     return out
@@ -159,17 +183,31 @@ def summarize(cases):
         if op == "Mask R-CNN R50-FPN":
             rows += _maskrcnn_rows(group, device)
             continue
+        na = [c for c in group if c["speedup"] is None]
+        group = [c for c in group if c["speedup"] is not None]
+        coverage = ""
+        if na:
+            dts = sorted({SHORT_DTYPE.get(c["peer_na"], str(c["peer_na"])) for c in na})
+            coverage = f"; +{len(na)} {'/'.join(dts)}: ours only (peer n/a)"
+        if not group:
+            rows.append({"op": op, "device": device, "peer": _peer_of(op), "cases": 0, "median": float("nan"),
+                         "min": float("nan"), "max": float("nan"), "check": coverage.lstrip("; "), "all_ok": True})
+            continue
         sp = [c["speedup"] for c in group]
         diffs = [c["diff"] for c in group if c["diff"] is not None]
         n_ok = sum(c["ok"] for c in group)
         if op in ("nms", "batched_nms"):
-            check = f"identical kept boxes in {n_ok}/{len(group)} cases"
+            check = f"same kept boxes in {n_ok}/{len(group)}"
+        elif op == "paste_masks":
+            px = [c["pixels"] for c in group if c.get("pixels") is not None]
+            check = (f"max |diff| {_fmt_diff(max(diffs) if diffs else None)} (probabilities), "
+                     f"{int(max(px)) if px else 'n/a'} px differ at most (binary), ok in {n_ok}/{len(group)}")
         elif op == "per-call overhead":
             check = "; ".join(f"{c['label']} {c['speedup']:.1f}x" for c in group)
         else:
-            check = f"max |diff| {_fmt_diff(max(diffs) if diffs else None)}, within tolerance in {n_ok}/{len(group)}"
+            check = f"max |diff| {_fmt_diff(max(diffs) if diffs else None)}, ok in {n_ok}/{len(group)}"
         rows.append({"op": op, "device": device, "peer": _peer_of(op), "cases": len(group),
-                     "median": statistics.median(sp), "min": min(sp), "max": max(sp), "check": check,
+                     "median": statistics.median(sp), "min": min(sp), "max": max(sp), "check": check + coverage,
                      "all_ok": n_ok == len(group)})
     return rows
 
@@ -189,7 +227,7 @@ def _maskrcnn_rows(group, device):
             lo, hi = min(tv) / max(ours), max(tv) / min(ours)
         a = c["agreement"]
         check = (f"{a.get('ours', '?')} vs {a.get('torchvision', '?')} detections, "
-                 f"{100 * a.get('match_fraction', 0):.0f}% same box (IoU>0.99), max |score diff| "
+                 f"{100 * a.get('match_fraction', 0):.0f}% same box, max |score diff| "
                  f"{_fmt_diff(a.get('max_score_diff'))}")
         rows.append({"op": name, "device": device, "peer": PEERS["maskrcnn"][1], "cases": len(ours or [1]),
                      "median": c["speedup"], "min": lo, "max": hi, "check": check, "all_ok": c["ok"],
@@ -206,6 +244,7 @@ def render(rows, missing, meta, demo):
     head = f"{'op / model':<32} {'dev':<4} {'cases':>5} {'speedup: median [min - max]':>28}  check against the peer"
     lines.append(head)
     lines.append("-" * len(head))
+    first_row = len(lines)
     for r in rows:
         sp = f"{r['median']:6.2f}x [{r['min']:.2f}x - {r['max']:.2f}x]"
         flag = "" if r["all_ok"] else "  <-- CHECK FAILED"
@@ -214,14 +253,17 @@ def render(rows, missing, meta, demo):
     lines.append("peers: " + "; ".join(f"{r['op']}: {r['peer']}" for r in rows if r["op"] in
                                        ("roi_align", "MultiScaleRoIAlign", "paste_masks", "ms_deform_attn")))
     lines.append("speedup = peer time / our time, same inputs, same process; [min - max] over the cases run "
-                 "(dtypes, layouts, passes, sizes), for Mask R-CNN over the repeats")
+                 "(dtypes, layouts, passes, sizes), for Mask R-CNN over the repeats (random weights, "
+                 "same state dict; same box: same label and box IoU > 0.99)")
     if missing:
         lines.append("not run in this run: " + ", ".join(missing))
     if demo:
         lines.append(f"demo: the shipped Mask R-CNN found {demo['found']}/{demo['objects']} objects on "
                      f"{demo['images']} fresh images (right class, mask IoU >= 0.5, mean {demo['mean_mask_iou']:.2f}), "
                      f"{demo['seconds_per_image']:.2f} s per image; picture: {demo.get('out', 'demo.png')}")
-    return "\n".join(lines)
+    table = set(range(first_row - 2, first_row + len(rows)))  # header, rule and rows are never wrapped
+    return "\n".join(w for i, line in enumerate(lines)
+                     for w in ([line] if i in table or len(line) <= 120 else textwrap.wrap(line, 120, subsequent_indent="  ")))
 
 
 def plot(cases, path):
@@ -229,7 +271,8 @@ def plot(cases, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cases = [c for c in cases if c["op"] != "Mask R-CNN R50-FPN" or c["label"] in ("stage total", "stage post_backbone")]
+    cases = [c for c in cases if c["speedup"] is not None and
+             (c["op"] != "Mask R-CNN R50-FPN" or c["label"] in ("stage total", "stage post_backbone"))]
     ops = []
     for c in cases:
         if c["op"] not in ops:
@@ -296,7 +339,7 @@ def main(argv=None):
         print(f"plot: {png}")
     if not all(r["all_ok"] for r in rows):
         sys.exit(1)
-    return 0 if all(math.isfinite(r["median"]) for r in rows) else 1
+    return 0
 
 
 if __name__ == "__main__":

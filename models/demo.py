@@ -149,21 +149,24 @@ DATA_ARGS = ["--train", "1000", "--val", "200", "--size", "256", "--seed", "0"]
 TRAIN_PRESET = "shapes_r18_fast_cpu"
 
 
-def train_demo_checkpoint(work_dir: str, device: str = "cpu", threads: int = 2) -> str:
+def train_demo_checkpoint(work_dir: str, device: str = "cpu", threads: int = 2, data_args: Sequence[str] = DATA_ARGS,
+                          train_args: Sequence[str] = ()) -> str:
     """Retrains the demo checkpoint from scratch with the recorded commands: generates the
     shapes data (1000 train / 200 val images of 256 px, seed 0) under ``work_dir/data``, trains
     the ``shapes_r18_fast_cpu`` preset (29 minutes of wall time on a CPU, final evaluation
     included) into ``work_dir/run``, and exports its float16 weights to
-    ``work_dir/maskrcnn_r18_half_shapes.pth``, which it returns."""
+    ``work_dir/maskrcnn_r18_half_shapes.pth``, which it returns. ``data_args`` and
+    ``train_args`` (appended to the training command) exist for tests."""
     data = os.path.join(work_dir, "data")
     run = os.path.join(work_dir, "run")
     py = sys.executable
     if not os.path.exists(os.path.join(data, "annotations", "instances_val.json")):
-        _run([py, "-m", "instseg_ops.models.data.shapes", "--out", data] + DATA_ARGS)
+        _run([py, "-m", "instseg_ops.models.data.shapes", "--out", data] + list(data_args))
     train = [py, "-m", "instseg_ops.models.train", "--preset", TRAIN_PRESET, "--data", data, "--out", run,
              "--device", device]
     if device == "cpu":
         train += ["--threads", str(threads)]
+    train += list(train_args)
     _run(train)
     dst = os.path.join(work_dir, "maskrcnn_r18_half_shapes.pth")
     export_checkpoint(os.path.join(run, "model_final.pth"), dst,

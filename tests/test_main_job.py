@@ -198,3 +198,19 @@ def test_summary_medians_spread_checks_and_plot(tmp_path, seed):
                           "--no-plot"], capture_output=True, text=True)
     assert out.returncode == 1 and "CHECK FAILED" in out.stdout
     assert s.summarize(s.load_cases(str(tmp_path), 0)[0])  # importable as a module too
+
+
+def test_train_option_makes_data_trains_the_preset_and_exports(tmp_path, monkeypatch):
+    """--train's pipeline (data, the preset's training command, float16 export), shortened."""
+    work = str(tmp_path / "work")
+    ckpt = demo.train_demo_checkpoint(work, "cpu", 1, data_args=["--train", "4", "--val", "2", "--size", "64", "--seed", "0",
+                                                                  "--quiet"],
+                                      train_args=["--iters", "1", "--time-budget", "0", "--eval-every", "0"])
+    assert ckpt == os.path.join(work, "maskrcnn_r18_half_shapes.pth")
+    slim = checkpoint.load_checkpoint(ckpt)
+    assert slim["preset"]["name"] == demo.TRAIN_PRESET and "--preset shapes_r18_fast_cpu" in slim["info"]["source"]
+    assert all(v.dtype == torch.float16 for v in slim["model"].values() if v.is_floating_point())
+    assert slim["info"]["final_eval"]["eval_images"] == 2
+    out = str(tmp_path / "d.png")
+    demo.main(["--out", out, "--checkpoint", ckpt, "--num-images", "1", "--seed", "3", "--size", "64"])
+    assert read_image(out).shape[2] == 3
