@@ -40,7 +40,8 @@ from .detection import (
                         TwoMLPHead,
                         box_iou,
 )
-from .mask2former import Mask2Former, mask2former_resnet, mask2former_resnet50, mask2former_resnet101
+from .mask2former import (Mask2Former, MaskFormer, mask2former_resnet, mask2former_resnet50, mask2former_resnet101,
+                          maskformer_resnet, maskformer_resnet50)
 from .mask_rcnn import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
 from .registry import get_model, list_models, register_model
 from .weights import load_pretrained, load_torchvision_weights, register_layout
@@ -51,4 +52,5 @@ __all__ = ["get_model", "list_models", "register_model", "load_pretrained", "reg
            "FrozenBatchNorm2d", "GroupNorm32", "ResNetBody", "resnet_fpn_backbone", "BoxCoder", "box_iou", "Matcher",
            "BalancedSampler", "RegionProposalNetwork", "RPNHead", "RoIGeometry", "RoIHeads", "BoxStage",
            "TwoMLPHead", "BoxPredictor", "MaskHead", "MaskPredictor", "DetectionTransform", "Mask2Former",
-           "mask2former_resnet", "mask2former_resnet50", "mask2former_resnet101"]
+           "mask2former_resnet", "mask2former_resnet50", "mask2former_resnet101", "MaskFormer",
+           "maskformer_resnet", "maskformer_resnet50"]

@@ -346,5 +346,79 @@ def test_pixel_decoder_compiles(seed, backend):
 
 def test_registered():
     names = zoo.list_models()
-    for n in ("mask2former_resnet50", "mask2former_resnet101", "mask2former_r18_shapes"):
+    for n in ("mask2former_resnet50", "mask2former_resnet101", "mask2former_r18_shapes", "maskformer_resnet50"):
         assert n in names
+
+
+# ---------------------------------------------------------------------------
+# MaskFormer
+
+
+def hf_maskformer_pair(seed, num_labels=5):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig
+    torch.manual_seed(seed)
+    bc = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="basic",
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = MaskFormerConfig(backbone_config=bc, num_labels=num_labels, fpn_feature_size=64, mask_feature_size=64,
+                           decoder_config=dict(model_type="detr", d_model=64, decoder_layers=3, decoder_attention_heads=4,
+                                               decoder_ffn_dim=128, num_queries=10))
+    ref = MaskFormerForInstanceSegmentation(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+        for name, b in ref.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                b.normal_(0, 0.2)
+    ours = zoo.maskformer_resnet(18, num_labels + 1, width=16, conv_dim=64, mask_dim=64, hidden_dim=64, num_queries=10,
+                                 n_heads=4, dim_feedforward=128, dec_layers=3)
+    assert zoo.load_pretrained(ours, ref.state_dict()).layout == "transformers"
+    return ref, ours.eval()
+
+
+def test_maskformer_logits_equal_transformers(seed):
+    ref, ours = hf_maskformer_pair(seed)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        out = ref(pixel_values=x)
+        c, m = ours.logits(x)
+    assert m.shape == (2, 10, 24, 32)
+    torch.testing.assert_close(c, out.class_queries_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m, out.masks_queries_logits, atol=1e-4, rtol=1e-4)
+    # the comparison can fail: one changed weight changes the logits
+    with torch.no_grad():
+        ours.predictor.layers[1].multihead_attn.in_proj_weight[70, 3] += 0.5
+        assert not torch.allclose(ours.logits(x)[1], out.masks_queries_logits, atol=1e-4)
+    # official layout round trip
+    fresh = zoo.maskformer_resnet(18, 6, width=16, conv_dim=64, mask_dim=64, hidden_dim=64, num_queries=10, n_heads=4,
+                                  dim_feedforward=128, dec_layers=3).eval()
+    official = to_official(ours)
+    for key in ("sem_seg_head.pixel_decoder.adapter_1.norm.weight", "sem_seg_head.pixel_decoder.layer_4.weight",
+                "sem_seg_head.pixel_decoder.mask_features.weight", "sem_seg_head.predictor.query_embed.weight",
+                "sem_seg_head.predictor.input_proj.weight",
+                "sem_seg_head.predictor.transformer.decoder.layers.2.multihead_attn.in_proj_weight",
+                "sem_seg_head.predictor.transformer.decoder.layers.0.norm3.bias",
+                "sem_seg_head.predictor.transformer.decoder.norm.weight", "sem_seg_head.predictor.mask_embed.layers.1.bias"):
+        assert key in official, key
+    assert zoo.load_pretrained(fresh, official).layout == "mask2former_official"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.logits(x)[1], ours.logits(x)[1])
+
+
+def test_maskformer_training_and_eval(seed):
+    g = torch.Generator().manual_seed(seed)
+    model = zoo.maskformer_resnet(18, 4, norm="gn", width=16, conv_dim=64, mask_dim=64, hidden_dim=64, num_queries=10,
+                                  n_heads=4, dim_feedforward=128, dec_layers=3, min_size=64, max_size=64).train()
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
+    losses = model(images, targets_for(images, (2, 0), g))
+    assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1")}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert out[1]["masks"].shape == (30, 1, 48, 64) and out[0]["scores"].shape == (30,)
