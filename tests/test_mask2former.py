@@ -422,3 +422,41 @@ def test_maskformer_training_and_eval(seed):
     with torch.no_grad():
         out = model(images)
     assert out[1]["masks"].shape == (30, 1, 48, 64) and out[0]["scores"].shape == (30,)
+
+
+# ---------------------------------------------------------------------------
+# The trainer and the evaluator run it unchanged
+
+
+@pytest.fixture(scope="module")
+def shapes2(tmp_path_factory):
+    from instseg_ops.models.data import generate_split
+    root = tmp_path_factory.mktemp("m2f_shapes")
+    generate_split(str(root), "train", 2, size=64, seed=5, max_objects=3)
+    generate_split(str(root), "val", 2, size=64, seed=6, max_objects=3)
+    return str(root)
+
+
+def test_preset_trains_and_evaluates(shapes2, tmp_path):
+    from instseg_ops.models.engine import checkpoint, presets, trainer
+    p = presets.get_preset("shapes_mask2former_cpu")
+    assert (p.optimizer, p.lr, p.weight_decay, p.lr_multipliers, p.clip_grad) == ("adamw", 1e-4, 0.05,
+                                                                                    {"backbone": 0.1}, 0.01)
+    tiny = dict(width=16, conv_dim=32, mask_dim=32, enc_layers=1, enc_heads=4, enc_ffn=64, hidden_dim=32,
+                num_queries=8, dec_heads=4, dec_ffn=64, dec_layers=3, train_num_points=256, min_size=64, max_size=64)
+    p = presets.get_preset("shapes_mask2former_cpu", model=tiny, iters=16, batch_size=2, lr=1e-3, time_budget=0.0,
+                           warmup_iters=2, milestones=(), hflip_prob=0.0, log_period=1000, eval_period=0,
+                           checkpoint_period=0, cache_data=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = str(tmp_path / "run")
+        result = trainer.train(p, shapes2, run, device="cpu", seed=0, log=lambda *a, **k: None)
+    finally:
+        torch.set_num_threads(n)
+    losses = [r["loss"] for r in result["losses"]]
+    assert len(losses) == 16 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+    assert set(result["eval"]) == {"bbox", "segm"} and -1 <= result["eval"]["segm"]["AP"] <= 1
+    model, names, _ = checkpoint.model_from_checkpoint(os.path.join(run, "model_final.pth"))
+    assert type(model).__name__ == "Mask2Former" and model.predictor.num_classes == len(names) == 6
