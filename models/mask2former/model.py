@@ -66,7 +66,7 @@ class Mask2Former(nn.Module):
     """``model(images, targets=None)`` as the project's other detectors: images is a list of
     float Tensor[3, H, W] in [0, 1], resized, normalised and padded by ``transform``. Training:
     targets are dicts with ``labels`` (int64 [T] in 1..num_classes-1) and ``masks`` (uint8
-    [T, H, W]) (and ``boxes``, used by the resize only); returns the loss dict (``loss_ce``,
+    [T, H, W]) (``boxes`` are optional); returns the loss dict (``loss_ce``,
     ``loss_mask``, ``loss_dice`` and the auxiliary ``loss_*_{i}``). Evaluation: one dict per
     image with ``boxes``, ``labels``, ``scores`` and ``masks`` (float [N, 1, H, W] of 0/1) in
     the input image's size, by the paper's instance inference (``instance_inference``) on the
@@ -125,6 +125,8 @@ class Mask2Former(nn.Module):
         if self.training and targets is None:
             raise ValueError("Mask2Former: targets are required in training mode")
         original_sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        if targets is not None:  # the transform scales boxes: derive them from the masks if absent
+            targets = [t if "boxes" in t else {**t, "boxes": masks_to_boxes(t["masks"].bool())} for t in targets]
         batch, sizes, targets = self.transform(images, targets)
         cls, masks = self.forward_logits(batch)
         if self.training:
