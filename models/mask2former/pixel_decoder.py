@@ -134,7 +134,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for lvl, x in enumerate(coarse):
             h, w = int(x.shape[-2]), int(x.shape[-1])
             shapes.append((h, w))
-            srcs.append(self.input_proj[lvl](x).flatten(2).transpose(1, 2))
+            # [B, C, H, W] -> [B, H * W, C]: a view for channels_last inputs
+            srcs.append(self.input_proj[lvl](x).permute(0, 2, 3, 1).reshape(x.shape[0], h * w, self.conv_dim))
             pos = sine_position_embedding((h, w), self.conv_dim // 2, x.device)
             poss.append(pos.flatten(1).transpose(0, 1)[None] + self.level_embed[lvl][None, None])
         src = torch.cat(srcs, 1)
@@ -147,7 +148,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for layer in self.encoder:
             src = layer(src, pos, ref, shapes, starts)
         b = src.shape[0]
-        outs = [y.transpose(1, 2).reshape(b, self.conv_dim, h, w)
+        # back to [B, C, H, W] as channels_last views (no copy; the FPN convolutions take them as they are)
+        outs = [y.reshape(b, h, w, self.conv_dim).permute(0, 3, 1, 2)
                 for y, (h, w) in zip(torch.split(src, [h * w for h, w in shapes], 1), shapes)]
         multi_scale = list(outs)
         y = outs[-1]
