@@ -7,7 +7,8 @@ deformable encoder layers; decoder: 9 layers, 100 queries; 80 classes): transfor
 dict loaded into ours with ``load_pretrained`` (strict). Input: one normalised random image
 of --size (512x512 by default), as ``pixel_values``.
 
-Rows (median over --repeats, after a warm-up call):
+Rows (median over --repeats, after a warm-up call; the two models are timed alternately so
+that a changing load on a shared machine hits both alike):
 - ``end_to_end``: ``ours.logits(x)`` vs ``ref(pixel_values=x)`` (backbone, pixel decoder,
   transformer decoder, class and mask logits of every layer);
 - ``pixel_decoder``: the pixel decoder alone on the same backbone features (ours on
@@ -57,17 +58,20 @@ def build(device):
     return ours.to(device), ref.to(device)
 
 
-def median_ms(fn, device, repeats):
-    times = []
+def paired_ms(fn_a, fn_b, device, repeats):
+    """Times fn_a and fn_b alternately (a, b, a, b, ...) so that a changing load on a shared
+    machine hits both alike; returns (median_a, samples_a), (median_b, samples_b) in ms."""
+    samples = ([], [])
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times
+        for fn, out in ((fn_a, samples[0]), (fn_b, samples[1])):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return tuple((statistics.median(t), t) for t in samples)
 
 
 def run_device(device, args, rows):
@@ -85,10 +89,9 @@ def run_device(device, args, rows):
         ours.pixel_decoder(feats)
         ref.model.pixel_level_module.decoder(hf_feats)
         timings = {
-            "end_to_end": (median_ms(lambda: ours.logits(x), device, args.repeats),
-                           median_ms(lambda: ref(pixel_values=x), device, args.repeats)),
-            "pixel_decoder": (median_ms(lambda: ours.pixel_decoder(feats), device, args.repeats),
-                              median_ms(lambda: ref.model.pixel_level_module.decoder(hf_feats), device, args.repeats)),
+            "end_to_end": paired_ms(lambda: ours.logits(x), lambda: ref(pixel_values=x), device, args.repeats),
+            "pixel_decoder": paired_ms(lambda: ours.pixel_decoder(feats),
+                                       lambda: ref.model.pixel_level_module.decoder(hf_feats), device, args.repeats),
         }
     for stage, ((o, o_all), (h, h_all)) in timings.items():
         row = {"device": device, "stage": stage, "ours_ms": o, "hf_ms": h, "speedup": h / o if o else None,
