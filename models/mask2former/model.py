@@ -1,7 +1,7 @@
 """Mask2Former (Cheng et al., 2022) for instance segmentation: a ResNet body, the
 deformable-attention pixel decoder, the masked-attention transformer decoder, set losses and
 the paper's instance inference; the builders are registered (``get_model``)."""
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,8 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
 
 
-def instance_inference(class_logits: Tensor, mask_logits: Tensor, topk: int = 100) -> Dict[str, Tensor]:
+def instance_inference(class_logits: Tensor, mask_logits: Tensor, topk: int = 100,
+                       resize: Optional[Callable[[Tensor], Tensor]] = None) -> Dict[str, Tensor]:
     """The paper's instance inference for one image: class probabilities (softmax without the
     no-object column) over all queries x classes, the ``topk`` best pairs (a query may appear
     with several classes), masks ``mask_logits > 0``, score = class probability x the mean
@@ -45,7 +46,8 @@ def instance_inference(class_logits: Tensor, mask_logits: Tensor, topk: int = 10
 
     Args:
         class_logits: Tensor[Q, K + 1].
-        mask_logits: Tensor[Q, H, W] at the output resolution.
+        mask_logits: Tensor[Q, H, W] at the output resolution, or at any resolution that
+            ``resize`` maps to it (it is then applied to the selected queries' masks only).
     Returns: ``scores`` [N], ``labels`` [N] (class indices 0..K-1), ``queries`` [N],
         ``masks`` bool [N, H, W], ``boxes`` [N, 4] (from the masks), N = min(topk, Q * K)."""
     q, k1 = class_logits.shape
@@ -54,7 +56,11 @@ def instance_inference(class_logits: Tensor, mask_logits: Tensor, topk: int = 10
     top = torch.topk(scores, min(topk, scores.numel()), sorted=True)
     labels = top.indices % k
     queries = torch.div(top.indices, k, rounding_mode="floor")
-    m = mask_logits[queries].float()
+    if resize is None:
+        m = mask_logits[queries].float()
+    else:
+        unique, inverse = torch.unique(queries, return_inverse=True)
+        m = resize(mask_logits[unique].float())[inverse]
     binary = m > 0
     prob = m.sigmoid()
     mask_score = (prob * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
@@ -138,18 +144,13 @@ class Mask2Former(nn.Module):
                     sizes: List[Tuple[int, int]], original_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         results = []
         for b, (size, orig) in enumerate(zip(sizes, original_sizes)):
-            c = class_logits[b]
-            k = c.shape[-1] - 1
-            # The top-k pairs depend on the class scores only: resize only their queries' masks.
-            top = torch.topk(c.float().softmax(-1)[:, :-1].flatten(), min(self.test_topk, c.shape[0] * k))
-            queries = torch.unique(torch.div(top.indices, k, rounding_mode="floor"))
-            m = F.interpolate(mask_logits[b, queries][None].float(), size=padded, mode="bilinear",
-                              align_corners=False)[0]
-            m = m[:, : size[0], : size[1]]
-            m = F.interpolate(m[None], size=orig, mode="bilinear", align_corners=False)[0]
-            full = m.new_full((c.shape[0],) + tuple(orig), -1.0)
-            full[queries] = m
-            r = instance_inference(c, full, self.test_topk)
+            def resize(m: Tensor, size=size, orig=orig) -> Tensor:
+                m = F.interpolate(m[None], size=padded, mode="bilinear", align_corners=False)[0]
+                m = m[:, : size[0], : size[1]]
+                return F.interpolate(m[None], size=orig, mode="bilinear", align_corners=False)[0]
+
+            # The top-k pairs depend on the class scores only: only their queries' masks are resized.
+            r = instance_inference(class_logits[b], mask_logits[b], self.test_topk, resize)
             results.append({"boxes": r["boxes"], "labels": r["labels"] + 1, "scores": r["scores"],
                             "masks": r["masks"][:, None].float()})
         return results
