@@ -222,3 +222,14 @@ register_preset(Preset(
     warmup_iters=50, milestones=(40000, 46000), gamma=0.1, time_budget=29.0, eval_period=1000, eval_images=50,
     checkpoint_period=1000, log_period=20, workers=0, clip_grad=0.01, cache_data=True,
 ))
+
+# The same with a from-scratch solver: lr 4e-4, the backbone at the full rate (it is not
+# pretrained here), 10 warmup iterations. Chosen from two 4-minute smoke runs on a shared
+# machine only (benchmarks/RESULTS.md); the recorded runs decide between the two presets.
+register_preset(Preset(
+    name="shapes_mask2former_scratch_cpu",
+    arch="mask2former_r18_shapes",
+    iters=50000, batch_size=4, optimizer="adamw", lr=4e-4, weight_decay=0.05, lr_multipliers={},
+    warmup_iters=10, milestones=(40000, 46000), gamma=0.1, time_budget=29.0, eval_period=1000, eval_images=50,
+    checkpoint_period=1000, log_period=20, workers=0, clip_grad=0.01, cache_data=True,
+))
