@@ -84,6 +84,8 @@ setup(
     packages=find_packages(include=["instseg_ops", "instseg_ops.*"]) + ["instseg_ops.models"]
     + ["instseg_ops.models." + p for p in find_packages("models")],
     package_dir={"instseg_ops.models": "models"},
+    # The demo's checkpoint (float16 weights of the shapes preset's recorded run, 8 MB).
+    package_data={"instseg_ops.models": ["assets/*.pth"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

@@ -31,6 +31,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_roi_align as base  # noqa: E402  device selection, metadata, formatting
@@ -158,7 +159,7 @@ def run_device(device, args, rows):
             base.note(f"{device}: detections ours {len(o['boxes'])}, torchvision {len(w['boxes'])}; "
                       f"{frac:.1%} of ours match one of torchvision's (same label, box IoU > 0.99), "
                       f"max |score diff| {score_diff:.1e}")
-        for _ in range(args.repeats):
+        for _ in tqdm(range(args.repeats), desc=f"{device}: repeats (ours, torchvision)", leave=False, disable=None):
             for name, fn, model in (("ours", stages_ours, ours), ("tv", stages_tv, tv)):
                 t, _ = fn(model, imgs, device)
                 for s, v in t.items():
@@ -180,8 +181,11 @@ def run_device(device, args, rows):
         print("  ".join(c.rjust(wd) for c, (_, wd) in zip(cells, COLUMNS)), flush=True)
     post_o = sum(statistics.median(per["ours"][s]) for s in ("rpn", "box", "mask", "paste"))
     post_t = sum(statistics.median(per["tv"][s]) for s in ("rpn", "box", "mask", "paste"))
+    post_samples = {name: [sum(per[name][s][i] for s in ("rpn", "box", "mask", "paste")) for i in range(args.repeats)]
+                    for name in ("ours", "tv")}
     rows.append({"device": device, "stage": "post_backbone", "ours_ms": post_o, "tv_ms": post_t,
-                 "speedup": post_t / post_o})
+                 "speedup": post_t / post_o, "ours_samples_ms": post_samples["ours"],
+                 "tv_samples_ms": post_samples["tv"]})
     print("  ".join(c.rjust(wd) for c, (_, wd) in zip(
         [device, "post-bb", f"{post_o:.1f}", f"{post_t:.1f}", f"{post_t / post_o:.2f}x"], COLUMNS)), flush=True)
 

@@ -13,6 +13,9 @@ Ours: ``paste_masks`` (probabilities in the masks' dtype, or bool with ``thresho
 torchvision mode, and ``aligned=True`` for the grid_sample comparison) and ``paste_masks_crops``
 (bool crops of the clipped boxes; no N x H x W tensor). ``prob_thp`` repeats ``prob`` with
 INSTSEG_HUGEPAGES=1 (transparent huge pages for the lazily zeroed canvases; off by default).
+``backward`` times only the backward pass of the probability paste (the gradient w.r.t. the
+masks for a fixed random N x H x W incoming gradient; graph built before timing) against
+torchvision's autograd through its per-mask interpolate; 800x1216 only.
 
 Cases: 100 masks of 28x28 into 800x1216 and 300 into 3000x4000, float32 and float16 masks.
 Inputs (fixed seed): uniform random probabilities; boxes with centres uniform in the image and
@@ -68,7 +71,10 @@ COMPARISONS = {
     "bool": ("tv>=0.5", "ours>=0.5"),
     "bool_aligned": ("grid_sample", "ours_aligned>=0.5"),
     "crops_bool": ("tv>=0.5", "ours_crops>=0.5"),
+    "backward": ("tv_bwd", "ours_bwd"),
 }
+# The gradient comparisons hold an N x H x W float incoming gradient: 800x1216 only.
+BACKWARD_CASES = ("800x1216",)
 COLUMNS = [("device", 6), ("case", 9), ("dtype", 7), ("comparison", 12), ("peer", 11), ("peer_ms", 9),
            ("ours_ms", 8), ("speedup", 8), ("peer_MB", 8), ("ours_MB", 8), ("out_MB", 7), ("diff", 7)]
 
@@ -118,7 +124,19 @@ def grid_sample_paste(masks, boxes, h, w, threshold=0.5):
     return out
 
 
+def backward_fn(paste, masks):
+    """Times only the backward: the gradient of ``paste(m)`` for a fixed random incoming gradient."""
+    m = masks.detach().clone().requires_grad_()
+    out = paste(m)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(out.device, out.dtype)
+    return lambda: torch.autograd.grad(out, m, g, retain_graph=True)[0]
+
+
 def method_fn(name, masks, boxes, h, w):
+    if name == "tv_bwd":
+        return backward_fn(lambda m: tv_paste(m[:, None], boxes, (h, w), 1)[:, 0], masks)
+    if name == "ours_bwd":
+        return backward_fn(lambda m: instseg_ops.paste_masks(m, boxes, (h, w)), masks)
     if name == "tv":
         return lambda: tv_paste(masks[:, None], boxes, (h, w), 1)[:, 0]
     if name == "tv>=0.5":
@@ -232,6 +250,8 @@ def run_device(device, args, rows):
         for dtype_name in args.dtypes:
             results = {}
             for comparison in args.comparisons:
+                if comparison.startswith("backward") and case not in BACKWARD_CASES:
+                    continue
                 peer, ours = COMPARISONS[comparison]
                 row = {"device": device, "case": case, "num_masks": n, "image": [h, w], "mask_size": M,
                        "dtype": dtype_name, "comparison": comparison, "peer": peer, "ours": ours, "note": None}

@@ -23,4 +23,16 @@ TORCH_LIBRARY_FRAGMENT(instseg, m) {
   m.def(
       "paste_masks_crops(Tensor masks, Tensor boxes, int image_height, int image_width, int padding, "
       "float? threshold, bool aligned) -> (Tensor, Tensor, Tensor)");
+  // Gradients with respect to the masks (boxes get none, as in torchvision).
+  // grad: Tensor[N, image_height, image_width] of the masks' dtype; returns a
+  // contiguous Tensor[N, M, M] of the masks' dtype (accumulated in float32, or
+  // float64 for float64 masks). Deterministic: no atomics on either device.
+  m.def(
+      "_paste_masks_backward(Tensor grad, Tensor masks, Tensor boxes, int image_height, int image_width, "
+      "int padding, bool aligned) -> Tensor");
+  // The same for paste_masks_crops: grad is 1-D (the gradient of its data),
+  // regions and offsets are its outputs (checked against the geometry).
+  m.def(
+      "_paste_masks_crops_backward(Tensor grad, Tensor masks, Tensor boxes, Tensor regions, Tensor offsets, "
+      "int image_height, int image_width, int padding, bool aligned) -> Tensor");
 }

@@ -173,10 +173,16 @@ C10_HOST_DEVICE inline AlignedPaste aligned_geometry(const float* box, int64_t M
 
 // Tap of pixel p along one axis of the box [lo, hi]: grid_sample's
 // unnormalisation of the normalised pixel centre (align_corners=False).
-C10_HOST_DEVICE inline Tap aligned_tap(int64_t p, float lo, float hi, int64_t M) {
+C10_HOST_DEVICE inline float aligned_floor(int64_t p, float lo, float hi, int64_t M, float* coord_out) {
   const float g = add_rn(mul_rn(add_rn(static_cast<float>(p) + 0.5f, -lo) / add_rn(hi, -lo), 2.f), -1.f);
   const float coord = add_rn(mul_rn(add_rn(g, 1.f), static_cast<float>(M)), -1.f) / 2.f;
-  const float f = ::floor(coord);
+  *coord_out = coord;
+  return ::floor(coord);
+}
+
+C10_HOST_DEVICE inline Tap aligned_tap(int64_t p, float lo, float hi, int64_t M) {
+  float coord;
+  const float f = aligned_floor(p, lo, hi, M, &coord);
   Tap t;
   // Both taps outside the mask (also for huge or non-finite coordinates): 0.
   t.valid = f >= -1.f && f <= static_cast<float>(M);
@@ -184,6 +190,72 @@ C10_HOST_DEVICE inline Tap aligned_tap(int64_t p, float lo, float hi, int64_t M)
   t.i1 = t.i0 + 1;
   t.l1 = t.valid ? add_rn(coord, -f) : 0.f;
   return t;
+}
+
+// ------------------------------------------------------------------- backward
+// Pasting is linear in the mask and separable: a region pixel (y, x) is
+//   lerp2(tx.l1, lerp2(ty.l1, m[ty.i0][tx.i0], m[ty.i1][tx.i0]), lerp2(ty.l1, m[ty.i0][tx.i1], m[ty.i1][tx.i1]))
+// (padded indices; taps outside the mask read 0), so with the incoming gradient G
+// of the region, the gradient of padded cell (r, c) is
+//   grad[r][c] = sum_y [ty.i0 == r] (1 - ty.l1) S_y(c) + [ty.i1 == r] ty.l1 S_y(c)
+//   S_y(c)     = sum_x [tx.i0 == c] (1 - tx.l1) G[y][x] + [tx.i1 == c] tx.l1 G[y][x]
+// over the pixels with valid taps (both terms when the two taps coincide). Both
+// kernels add these terms in the same order -- rows y ascending, within a row
+// columns x ascending, tap i0's term before tap i1's -- with add_tap_terms, so
+// the CPU kernel (which scatters each row) and the CUDA kernel (which gathers
+// per cell) give the same bits.
+
+// acc + [t.i0 == cell] (1 - t.l1) v + [t.i1 == cell] t.l1 v, each product rounded
+// and added in that order (acc_t: float, or double for float64 masks).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t add_tap_terms(acc_t acc, const Tap& t, int64_t cell, acc_t v) {
+  if (t.i0 == cell) acc = add_rn(acc, mul_rn(static_cast<acc_t>(add_rn(1.f, -t.l1)), v));
+  if (t.i1 == cell) acc = add_rn(acc, mul_rn(static_cast<acc_t>(t.l1), v));
+  return acc;
+}
+
+// One axis (rows or columns) of a mask's geometry: the tap of image pixel p, as
+// the forward computes it, and a key that is non-decreasing in p (tap i0 of a
+// valid tap; below every cell before the mask and above every cell after it).
+// Only pixels with key(p) in {cell - 1, cell} can have a tap on `cell`, so they
+// form one run of pixels, found by binary search (first_pixel).
+struct PasteAxis {
+  bool aligned;
+  float a, b;      // torchvision: a = the resize scale; aligned: the box's [a, b]
+  int64_t origin;  // torchvision: the integer box origin
+  int64_t P;       // padded mask size (M when aligned)
+  int64_t M;
+
+  C10_HOST_DEVICE Tap tap(int64_t p) const {
+    return aligned ? aligned_tap(p, a, b, M) : tv_tap(a, p - origin, P);
+  }
+
+  C10_HOST_DEVICE int64_t key(int64_t p) const {
+    if (!aligned) return tv_tap(a, p - origin, P).i0;
+    float coord;
+    const float f = aligned_floor(p, a, b, M, &coord);
+    // The same validity test as aligned_tap (coordinates are never NaN for finite boxes with b > a).
+    if (f >= -1.f && f <= static_cast<float>(M)) return static_cast<int64_t>(f);
+    return f < -1.f ? -2 : M + 1;
+  }
+};
+
+C10_HOST_DEVICE inline PasteAxis tv_axis(float scale, int64_t origin, int64_t M, int64_t pad) {
+  return PasteAxis{false, scale, 0.f, origin, M + 2 * pad, M};
+}
+
+C10_HOST_DEVICE inline PasteAxis aligned_axis(float lo, float hi, int64_t M) {
+  return PasteAxis{true, lo, hi, 0, M, M};
+}
+
+// The first pixel p in [lo, hi) with axis.key(p) >= k, or hi if there is none.
+C10_HOST_DEVICE inline int64_t first_pixel(const PasteAxis& axis, int64_t lo, int64_t hi, int64_t k) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (axis.key(mid) >= k) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
 }
 
 }  // namespace paste_detail

@@ -1,8 +1,6 @@
 """Pasting per-RoI masks into image canvases, or into crops of them (CPU and CUDA kernels)."""
-import math
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
@@ -114,125 +112,49 @@ def _paste_masks_fake(masks, boxes, image_height, image_width, padding, threshol
 
 
 # Gradients with respect to the masks (boxes get none, as in torchvision: its paste goes
-# through integer boxes). Pasting is linear in the mask and separable: the region of mask n
-# is Wy @ P @ Wx^T, with P the (padded) mask and Wy, Wx its bilinear weights along y and x,
-# so the mask's gradient is Wy^T @ G @ Wx for the region's incoming gradient G. The weights
-# follow the kernels' float32 geometry (csrc/paste_masks_common.h) step by step.
-def _to_int(v: float) -> int:
-    return int(max(-4.0e15, min(4.0e15, v)))
+# through integer boxes): the ops instseg::_paste_masks_backward and
+# _paste_masks_crops_backward, C++/CUDA kernels on the forward's geometry
+# (csrc/paste_masks_common.h). Pasting is linear in the masks, so the backward is linear in
+# the incoming gradient and its own gradient (double backward) is the paste itself.
+@torch.library.register_fake("instseg::_paste_masks_backward")
+def _paste_masks_backward_fake(grad, masks, boxes, image_height, image_width, padding, aligned):
+    torch._check(grad.dim() == 3, lambda: "paste_masks backward: the gradient must be a Tensor[N, H, W]")
+    return masks.new_empty(masks.shape)
 
 
-def _weights(src: Tensor, size: int, offset: int, valid: Optional[Tensor] = None) -> Tensor:
-    """Dense [len(src), size] bilinear weights of the taps floor(src) and floor(src) + 1,
-    columns shifted by ``offset``; taps outside [0, size) are dropped (zero padding)."""
-    f = torch.floor(src)
-    l1 = src - f
-    i0 = f.long() + offset
-    rows = torch.arange(src.shape[0], device=src.device)
-    w = torch.zeros(src.shape[0], size + 2, dtype=torch.float32, device=src.device)
-    keep = torch.ones_like(l1) if valid is None else valid.float()
-    w.index_put_((rows, (i0 + 1).clamp(0, size + 1)), (1 - l1) * keep, accumulate=True)
-    w.index_put_((rows, (i0 + 2).clamp(0, size + 1)), l1 * keep, accumulate=True)
-    return w[:, 1:size + 1]
+@torch.library.register_fake("instseg::_paste_masks_crops_backward")
+def _paste_masks_crops_backward_fake(grad, masks, boxes, regions, offsets, image_height, image_width, padding,
+                                     aligned):
+    torch._check(grad.dim() == 1, lambda: "paste_masks_crops backward: the gradient must be 1-D")
+    return masks.new_empty(masks.shape)
 
 
-def _tv_axis(lo: np.float32, hi: np.float32, M: int, pad: int, n_pix: int, device):
-    """torchvision mode along one axis: (clipped pixel range, weights into the M mask cells)."""
-    P = M + 2 * pad
-    scale = np.float32(P / M)
-    half = np.float32(np.float32(np.float32(hi - lo) * np.float32(0.5)) * scale)
-    centre = np.float32(np.float32(hi + lo) * np.float32(0.5))
-    e0, e1 = np.float32(centre - half), np.float32(centre + half)
-    if not (np.isfinite(e0) and np.isfinite(e1)):
-        return None
-    b0, b1 = _to_int(float(e0)), _to_int(float(e1))
-    size = max(b1 - b0 + 1, 1)
-    s = np.float32(np.float32(P) / np.float32(size))
-    p0, p1 = min(max(b0, 0), n_pix), min(max(b1 + 1, 0), n_pix)
-    if p0 >= p1:
-        return None
-    dst = torch.arange(p0 - b0, p1 - b0, device=device, dtype=torch.float32)
-    src = (torch.tensor(float(s), device=device) * (dst + 0.5) - 0.5).clamp(min=0)
-    i0 = torch.floor(src).clamp(max=P - 1)
-    # Tap i0 + 1 exists unless i0 is the last padded cell (then both taps are that cell).
-    src = torch.where(i0 >= P - 1, i0, src)
-    return p0, p1, _weights(src, M, -pad)
+def _backward_setup(ctx, inputs, output):
+    # inputs: grad, masks, boxes[, regions, offsets], image_height, image_width, padding, aligned
+    ctx.save_for_backward(inputs[2])
+    ctx.args = tuple(inputs[-4:])
+    ctx.dtype = inputs[1].dtype
 
 
-def _aligned_axis(lo: np.float32, hi: np.float32, M: int, n_pix: int, device):
-    """aligned mode along one axis: (pixel range, weights into the M mask cells)."""
-    if not (hi > lo):
-        return None
-    cell = (float(hi) - float(lo)) / M
-    p0 = min(max(_to_int(math.floor(float(lo) - cell)) - 1, 0), n_pix)
-    p1 = min(max(_to_int(math.ceil(float(hi) + cell)) + 1, 0), n_pix)
-    if p0 >= p1:
-        return None
-    centre = torch.arange(p0, p1, device=device, dtype=torch.float32) + 0.5
-    lo_t = torch.tensor(float(lo), device=device)
-    g = (centre - lo_t) / (torch.tensor(float(hi), device=device) - lo_t) * 2 - 1
-    coord = ((g + 1) * M - 1) / 2
-    f = torch.floor(coord)
-    valid = (f >= -1) & (f <= M)
-    return p0, p1, _weights(torch.where(valid, coord, torch.zeros_like(coord)), M, 0, valid)
+def _paste_backward_backward(ctx, grad_grad):
+    (boxes,) = ctx.saved_tensors
+    height, width, padding, aligned = ctx.args
+    gg = torch.ops.instseg.paste_masks(grad_grad.to(ctx.dtype), boxes, height, width, padding, None, aligned)
+    return gg, None, None, None, None, None, None
 
 
-def _paste_regions_backward(masks: Tensor, boxes: Tensor, height: int, width: int, padding: int, aligned: bool,
-                            region_grad) -> Tensor:
-    """Gradient of the masks; ``region_grad(n, x0, y0, x1, y1)`` gives mask n's incoming
-    gradient over those pixels."""
-    M = masks.shape[1]
-    acc = torch.float64 if masks.dtype == torch.float64 else torch.float32
-    grad = torch.zeros(masks.shape, dtype=acc, device=masks.device)
-    for k, box in enumerate(boxes.detach().float().cpu().numpy()):
-        x0, y0, x1, y1 = (np.float32(v) for v in box)
-        if not np.isfinite(box).all():
-            continue
-        if aligned:
-            ax, ay = _aligned_axis(x0, x1, M, width, masks.device), _aligned_axis(y0, y1, M, height, masks.device)
-        else:
-            ax, ay = (_tv_axis(x0, x1, M, padding, width, masks.device),
-                      _tv_axis(y0, y1, M, padding, height, masks.device))
-        if ax is None or ay is None:
-            continue
-        (px0, px1, wx), (py0, py1, wy) = ax, ay
-        g = region_grad(k, px0, py0, px1, py1).to(acc)
-        grad[k] = wy.to(acc).T @ g @ wx.to(acc)
-    return grad.to(masks.dtype)
+def _crops_backward_backward(ctx, grad_grad):
+    (boxes,) = ctx.saved_tensors
+    height, width, padding, aligned = ctx.args
+    gg = torch.ops.instseg.paste_masks_crops(grad_grad.to(ctx.dtype), boxes, height, width, padding, None,
+                                             aligned)[0]
+    return gg, None, None, None, None, None, None, None, None
 
 
-# The backward passes are ops of their own (Python implementations), so that torch.compile
-# and torch.export see one opaque call instead of tracing their per-mask loop.
-@torch.library.custom_op("instseg::_paste_masks_backward", mutates_args=())
-def _paste_masks_backward_op(grad: Tensor, masks: Tensor, boxes: Tensor, height: int, width: int, padding: int,
-                             aligned: bool) -> Tensor:
-    return _paste_regions_backward(masks, boxes, height, width, padding, aligned,
-                                   lambda n, x0, y0, x1, y1: grad[n, y0:y1, x0:x1])
-
-
-@torch.library.custom_op("instseg::_paste_masks_crops_backward", mutates_args=())
-def _paste_masks_crops_backward_op(grad: Tensor, masks: Tensor, boxes: Tensor, regions: Tensor, offsets: Tensor,
-                                   height: int, width: int, padding: int, aligned: bool) -> Tensor:
-    reg = regions.tolist()
-    starts = offsets.tolist()
-
-    def region_grad(n, x0, y0, x1, y1):
-        if tuple(reg[n]) != (x0, y0, x1, y1):
-            raise RuntimeError(f"paste_masks_crops backward: region {reg[n]} of mask {n} differs from the "
-                               f"geometry's {(x0, y0, x1, y1)}")
-        return grad[starts[n]:starts[n + 1]].view(y1 - y0, x1 - x0)
-
-    return _paste_regions_backward(masks, boxes, height, width, padding, aligned, region_grad)
-
-
-@_paste_masks_backward_op.register_fake
-def _(grad, masks, boxes, height, width, padding, aligned):
-    return torch.empty_like(masks, memory_format=torch.contiguous_format)
-
-
-@_paste_masks_crops_backward_op.register_fake
-def _(grad, masks, boxes, regions, offsets, height, width, padding, aligned):
-    return torch.empty_like(masks, memory_format=torch.contiguous_format)
+torch.library.register_autograd("instseg::_paste_masks_backward", _paste_backward_backward,
+                                setup_context=_backward_setup)
+torch.library.register_autograd("instseg::_paste_masks_crops_backward", _crops_backward_backward,
+                                setup_context=_backward_setup)
 
 
 def _paste_setup(ctx, inputs, output):

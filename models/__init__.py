@@ -5,7 +5,7 @@ Layout:
 - ``backbones/``: ResNet bodies, the FPN with pluggable top blocks, normalisation layers;
 - ``detection/``: anchors, box ops, matcher and sampler, RPN, RoI geometry and poolers, the
   box and mask stages, the image transform;
-- one module or subpackage per model family (``mask_rcnn``, ``sam``);
+- one module or subpackage per model family (``mask_rcnn``, ``cascade_rcnn``, ``mask2former``, ``sam``);
 - ``registry`` (``get_model``, ``list_models``) and ``weights`` (``load_pretrained``);
 - ``data/``: COCO-format datasets, the synthetic shapes generator, COCO evaluation;
 - ``engine/``: the trainer, its hooks, checkpoints, distributed helpers, presets;
@@ -40,15 +40,21 @@ from .detection import (
                         TwoMLPHead,
                         box_iou,
 )
+from .cascade_rcnn import CascadeMaskRCNN, CascadeRoIHeads, cascade_maskrcnn_resnet50_fpn, cascade_maskrcnn_resnet_fpn
+from .mask2former import (Mask2Former, MaskFormer, mask2former_resnet, mask2former_resnet50, mask2former_resnet101,
+                          maskformer_resnet, maskformer_resnet50)
 from .mask_rcnn import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
 from .registry import get_model, list_models, register_model
 from .sam import Sam, SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from .weights import load_pretrained, load_torchvision_weights, register_layout
 
 __all__ = ["get_model", "list_models", "register_model", "load_pretrained", "register_layout",
-           "load_torchvision_weights", "MaskRCNN", "maskrcnn_resnet50_fpn", "maskrcnn_resnet_fpn",
+           "load_torchvision_weights", "MaskRCNN", "CascadeMaskRCNN", "CascadeRoIHeads",
+           "cascade_maskrcnn_resnet50_fpn", "cascade_maskrcnn_resnet_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet_fpn",
            "AnchorGenerator", "BackboneWithFPN", "FeaturePyramid", "LastLevelMaxPool", "LastLevelP6P7",
            "FrozenBatchNorm2d", "GroupNorm32", "ResNetBody", "resnet_fpn_backbone", "BoxCoder", "box_iou", "Matcher",
            "BalancedSampler", "RegionProposalNetwork", "RPNHead", "RoIGeometry", "RoIHeads", "BoxStage",
-           "TwoMLPHead", "BoxPredictor", "MaskHead", "MaskPredictor", "DetectionTransform",
+           "TwoMLPHead", "BoxPredictor", "MaskHead", "MaskPredictor", "DetectionTransform", "Mask2Former",
+           "mask2former_resnet", "mask2former_resnet50", "mask2former_resnet101", "MaskFormer",
+           "maskformer_resnet", "maskformer_resnet50",
            "Sam", "SamPredictor", "SamAutomaticMaskGenerator", "sam_model_registry"]

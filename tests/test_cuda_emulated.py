@@ -236,6 +236,50 @@ def test_paste_masks_empty(emu, schedule):
     assert data.shape == (0,) and torch.equal(offsets, torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_paste_masks_backward(emu, schedule, seed, dtype, aligned, sm_count):
+    """Both backward ops, bit for bit equal to the CPU kernels (the same terms in the same
+    order). sm_count 1 with 40 masks of 14 x 14: 7840 cells on 31 blocks of 256 threads, so
+    the grid-stride loop wraps; the huge box puts every pixel on a few cells."""
+    emu_utils.configure(schedule, seed, sm_count)
+    n = 40 if sm_count == 1 else 12
+    masks, boxes = random_case(n=n, m=14, h=60, w=80)
+    masks = masks.to(dtype)
+    boxes[3] = torch.tensor([-1e7, -1e7, 1e7, 1e7])
+    boxes[5, 1] = float("nan")
+    g = torch.randn(n, 60, 80, dtype=torch.float64).to(dtype)
+    for padding in (0, 1):
+        want = cpu._paste_masks_backward(g, masks, boxes, 60, 80, padding, aligned)
+        assert torch.equal(emu._paste_masks_backward(g, masks, boxes, 60, 80, padding, aligned), want)
+        data, regions, offsets = cpu.paste_masks_crops(masks, boxes, 60, 80, padding, None, aligned)
+        gd = torch.randn(data.shape, dtype=torch.float64).to(dtype)
+        want = cpu._paste_masks_crops_backward(gd, masks, boxes, regions, offsets, 60, 80, padding, aligned)
+        got = emu._paste_masks_crops_backward(gd, masks, boxes, regions, offsets, 60, 80, padding, aligned)
+        assert torch.equal(got, want)
+
+
+def test_paste_masks_backward_empty_and_errors(emu, schedule):
+    masks = torch.rand(4, 5, 5)
+    boxes = torch.tensor([[2.0, 1.0, 12.0, 8.0], [-3.0, 4.5, 9.0, 12.0], [5.0, 2.0, 19.5, 9.0], [0.0, 0.0, 3.0, 3.0]])
+    assert emu._paste_masks_backward(torch.zeros(0, 10, 20), torch.zeros(0, 5, 5), torch.zeros(0, 4), 10, 20, 1,
+                                     False).shape == (0, 5, 5)
+    zeros = emu._paste_masks_backward(torch.zeros(4, 0, 20), masks, boxes, 0, 20, 1, True)
+    assert torch.equal(zeros, torch.zeros_like(masks))
+    far = torch.tensor([[100.0, 100.0, 120.0, 120.0]]).repeat(4, 1)
+    data, regions, offsets = cpu.paste_masks_crops(masks, far, 10, 20, 1, None, False)
+    got = emu._paste_masks_crops_backward(data, masks, far, regions, offsets, 10, 20, 1, False)
+    assert torch.equal(got, torch.zeros_like(masks))
+    data, regions, offsets = cpu.paste_masks_crops(masks, boxes, 10, 20, 1, None, False)
+    bad = regions.clone()
+    bad[2, 3] -= 1
+    with pytest.raises(RuntimeError, match="region .* of mask 2 differs from the geometry's"):
+        emu._paste_masks_crops_backward(data, masks, boxes, bad, offsets, 10, 20, 1, False)
+    with pytest.raises(RuntimeError, match="the gradient has"):
+        emu._paste_masks_crops_backward(data[:-1], masks, boxes, regions, offsets, 10, 20, 1, False)
+
+
 # --------------------------------------------------------------------------- connected_components
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_connected_components(emu, schedule, connectivity):

@@ -74,6 +74,15 @@ def test_connected_components_matches_reference(seed, connectivity, shape):
     masks = random_masks(gen, *shape)
     labels, areas = instseg_ops.connected_components(masks.bool(), connectivity)
     check_against_reference(masks, connectivity, labels, areas)
+    try:   # and scipy.ndimage.label, when installed (same numbering)
+        from scipy import ndimage
+    except ImportError:
+        ndimage = None
+    if ndimage is not None:
+        structure = np.ones((3, 3)) if connectivity == 8 else None
+        for m, lab in zip(masks.numpy(), labels.numpy()):
+            want, _ = ndimage.label(m, structure=structure)
+            assert np.array_equal(lab, want)
     for dtype in (torch.uint8, torch.int64):   # nonzero = foreground
         l2, a2 = instseg_ops.connected_components((masks * 3).to(dtype), connectivity)
         assert torch.equal(l2, labels) and torch.equal(a2, areas)

@@ -292,6 +292,7 @@ def test_wheel_holds_every_models_module_and_installs_into_a_fresh_venv(tmp_path
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {"instseg_ops/models/" + str(p.relative_to(ROOT / "models")) for p in (ROOT / "models").rglob("*.py")}
     assert want and want <= names, sorted(want - names)
+    assert "instseg_ops/models/assets/maskrcnn_r18_half_shapes.pth" in names  # the demo's checkpoint
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -304,7 +305,8 @@ def test_wheel_holds_every_models_module_and_installs_into_a_fresh_venv(tmp_path
                    check=True)
     code = ("import instseg_ops, instseg_ops.models as m; assert 'site-packages' in instseg_ops.__file__ and "
             "'venv' in instseg_ops.__file__, instseg_ops.__file__; names = m.list_models(); "
-            "[m.get_model(n) for n in names]; print(names)")
+            "[m.get_model(n) for n in names]; print(names); from instseg_ops.models import demo; "
+            "assert 'venv' in demo.DEMO_CHECKPOINT; demo.load_model(demo.DEMO_CHECKPOINT)")
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "maskrcnn_resnet50_fpn" in out.stdout
 

@@ -204,13 +204,133 @@ def test_gradients_are_the_adjoint_and_crops_agree(seed, aligned, dtype):
     assert empty.grad.shape == (0, 28, 28)
 
 
+def jacobian_reference(masks, boxes, h, w, padding, aligned):
+    """The paste's Jacobian from the forward alone: pasting is linear in the masks, so pasting the
+    unit mask of cell (i, j) gives every pixel's weight on that cell. float64 [N, M, M, H, W]."""
+    n, m = masks.shape[0], masks.shape[1]
+    jac = torch.zeros(n, m, m, h, w, dtype=torch.float64)
+    for i in range(m):
+        for j in range(m):
+            unit = torch.zeros(n, m, m)
+            unit[:, i, j] = 1
+            jac[:, i, j] = torch.ops.instseg.paste_masks(unit, boxes, h, w, padding, None, aligned).double()
+    return jac
+
+
+GRAD_TOL = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_backward_ops_match_the_forward_jacobian(seed, dtype, aligned):
+    """Both backward ops, every dtype and padding, against <Jacobian column, G> computed in
+    float64 from unit-mask pastes; boxes that paste nothing (NaN, outside, huge) included.
+    Outputs are poisoned (NaN) before the kernels write them."""
+    n, m, h, w = 10, 7, 50, 70
+    masks, boxes = random_case(n=n, m=m, h=h, w=w)
+    boxes[2, 1] = float("nan")
+    boxes[3] = torch.tensor([400.0, 400.0, 500.0, 500.0])
+    boxes[4] = torch.tensor([-1e7, -3e6, 2e7, 1e7])  # every pixel on one or two cells per axis
+    boxes[5] = torch.tensor([3.0, 4.0, 3.5, 30.0])   # thinner than a pixel
+    masks = masks.to(dtype)
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        for padding in (0, 1, 2):
+            jac = jacobian_reference(masks, boxes, h, w, padding, aligned)
+            g = torch.randn(n, h, w, dtype=torch.float64).to(dtype)
+            ref = torch.einsum("nijyx,nyx->nij", jac, g.double())
+            got = torch.ops.instseg._paste_masks_backward(g, masks, boxes, h, w, padding, aligned)
+            assert got.dtype == dtype and got.shape == masks.shape and got.is_contiguous()
+            tol = GRAD_TOL[dtype]
+            torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+            assert (got[[2, 3]] == 0).all()
+            # The crop form: the same numbers from the region pixels only.
+            data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, boxes, h, w, padding, None, aligned)
+            gd = torch.cat([g[k, r[1]:r[3], r[0]:r[2]].flatten() for k, r in enumerate(regions.tolist())])
+            got_crops = torch.ops.instseg._paste_masks_crops_backward(gd, masks, boxes, regions, offsets, h, w,
+                                                                      padding, aligned)
+            assert torch.equal(got_crops, got)
+            # Deterministic: the same bits again.
+            assert torch.equal(torch.ops.instseg._paste_masks_backward(g, masks, boxes, h, w, padding, aligned), got)
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def test_backward_ops_layouts_errors_and_empty(seed):
+    masks, boxes = random_case(n=6, m=9, h=40, w=50)
+    g = torch.randn(6, 40, 50)
+    want = torch.ops.instseg._paste_masks_backward(g, masks, boxes, 40, 50, 1, False)
+    # Non-contiguous gradient and masks (only the masks' shape and dtype matter): same result, contiguous.
+    g_t = g.transpose(1, 2).contiguous().transpose(1, 2)
+    got = torch.ops.instseg._paste_masks_backward(g_t, masks.transpose(1, 2), boxes.double(), 40, 50, 1, False)
+    assert torch.equal(got, want) and got.is_contiguous()
+    with pytest.raises(RuntimeError, match="gradient must be a Tensor"):
+        torch.ops.instseg._paste_masks_backward(g[:, :30], masks, boxes, 40, 50, 1, False)
+    with pytest.raises(RuntimeError, match="the gradient is Double but the masks are Float"):
+        torch.ops.instseg._paste_masks_backward(g.double(), masks, boxes, 40, 50, 1, False)
+    data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, boxes, 40, 50, 1, None, False)
+    gd = torch.randn_like(data)
+    bad = regions.clone()
+    bad[1, 0] += 1
+    with pytest.raises(RuntimeError, match="region .* of mask 1 differs from the geometry's"):
+        torch.ops.instseg._paste_masks_crops_backward(gd, masks, boxes, bad, offsets, 40, 50, 1, False)
+    bad = offsets.clone()
+    bad[2] += 1
+    with pytest.raises(RuntimeError, match="offsets of mask 1 span"):
+        torch.ops.instseg._paste_masks_crops_backward(gd, masks, boxes, regions, bad, 40, 50, 1, False)
+    with pytest.raises(RuntimeError, match="the gradient has"):
+        torch.ops.instseg._paste_masks_crops_backward(gd[:-1], masks, boxes, regions, offsets, 40, 50, 1, False)
+    with pytest.raises(RuntimeError, match="regions must be an int64"):
+        torch.ops.instseg._paste_masks_crops_backward(gd, masks, boxes, regions.int(), offsets, 40, 50, 1, False)
+    # Empty inputs: no masks, an empty image, no crop pixels.
+    e = torch.ops.instseg._paste_masks_backward(torch.zeros(0, 40, 50), torch.zeros(0, 9, 9), torch.zeros(0, 4),
+                                                40, 50, 1, True)
+    assert e.shape == (0, 9, 9)
+    e = torch.ops.instseg._paste_masks_backward(torch.zeros(6, 0, 50), masks, boxes, 0, 50, 1, False)
+    assert torch.equal(e, torch.zeros_like(masks))
+    far = torch.tensor([[100.0, 100.0, 120.0, 120.0]]).repeat(6, 1)
+    data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, far, 40, 50, 1, None, True)
+    e = torch.ops.instseg._paste_masks_crops_backward(data, masks, far, regions, offsets, 40, 50, 1, True)
+    assert torch.equal(e, torch.zeros_like(masks))
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_double_backward_is_the_paste(seed, aligned):
+    """The backward is linear in its incoming gradient G: d<backward(G), H>/dG = paste(H)."""
+    masks, boxes = random_case(n=5, m=6, h=30, w=40)
+    g = torch.randn(5, 30, 40, requires_grad=True)
+    hh = torch.randn(5, 6, 6)
+    out = torch.ops.instseg._paste_masks_backward(g, masks, boxes, 30, 40, 1, aligned)
+    (dg,) = torch.autograd.grad((out * hh).sum(), g)
+    assert torch.equal(dg, torch.ops.instseg.paste_masks(hh, boxes, 30, 40, 1, None, aligned))
+    data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, boxes, 30, 40, 1, None, aligned)
+    gd = torch.randn_like(data).requires_grad_()
+    out = torch.ops.instseg._paste_masks_crops_backward(gd, masks, boxes, regions, offsets, 30, 40, 1, aligned)
+    (dg,) = torch.autograd.grad((out * hh).sum(), gd)
+    assert torch.equal(dg, torch.ops.instseg.paste_masks_crops(hh, boxes, 30, 40, 1, None, aligned)[0])
+    # Through the public function: second derivatives of a loss quadratic in the paste.
+    m = masks.clone().requires_grad_()
+    (gm,) = torch.autograd.grad((paste_masks(m, boxes, (30, 40), aligned=aligned) ** 2).sum(), m, create_graph=True)
+    (ggm,) = torch.autograd.grad((gm * hh).sum(), m)
+    pasted = paste_masks(hh, boxes, (30, 40), aligned=aligned)
+    want = torch.ops.instseg._paste_masks_backward(2 * pasted, masks, boxes, 30, 40, 1, aligned)
+    torch.testing.assert_close(ggm, want, rtol=1e-5, atol=1e-5)
+
+
 def test_backward_ops_and_compile(seed):
     masks, boxes = random_case(6)
     g = torch.randn(6, 120, 160)
-    opcheck(torch.ops.instseg._paste_masks_backward.default, (g, masks, boxes, 120, 160, 1, False))
-    data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, boxes, 120, 160, 1, None, True)
-    opcheck(torch.ops.instseg._paste_masks_crops_backward.default,
-            (torch.randn_like(data), masks, boxes, regions, offsets, 120, 160, 1, True))
+    small, small_boxes = random_case(4, m=10, h=40, w=50)
+    for dtype, aligned in ((torch.float32, False), (torch.float16, True), (torch.float64, False)):
+        opcheck(torch.ops.instseg._paste_masks_backward.default,
+                (torch.randn(4, 40, 50, dtype=dtype), small.to(dtype), small_boxes, 40, 50, 1, aligned))
+        data, regions, offsets = torch.ops.instseg.paste_masks_crops(small.to(dtype), small_boxes, 40, 50, 1, None,
+                                                                     aligned)
+        opcheck(torch.ops.instseg._paste_masks_crops_backward.default,
+                (torch.randn_like(data), small.to(dtype), small_boxes, regions, offsets, 40, 50, 1, aligned))
     eager = masks.clone().requires_grad_()
     (paste_masks(eager, boxes, (120, 160)) * g).sum().backward()
     compiled = masks.clone().requires_grad_()

@@ -123,3 +123,22 @@ def test_cuda_gradients_match_cpu(seed, aligned):
     crops, regions = paste_masks_crops(crops_in, boxes.cuda(), (120, 160), 1, aligned=aligned)
     sum((c * g.cuda()[n, r[1]:r[3], r[0]:r[2]]).sum() for n, (c, r) in enumerate(zip(crops, regions.tolist()))).backward()
     torch.testing.assert_close(crops_in.grad.cpu(), cpu.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_cuda_backward_ops_match_cpu_bitwise(seed, dtype, aligned, poisoned):
+    """The backward kernels add the same terms in the same order on both devices."""
+    masks, boxes = random_case(n=30, m=28)
+    boxes[3] = torch.tensor([-1e7, -1e7, 1e7, 1e7])
+    masks = masks.to(dtype)
+    g = torch.randn(30, 120, 160, dtype=torch.float64).to(dtype)
+    want = torch.ops.instseg._paste_masks_backward(g, masks, boxes, 120, 160, 1, aligned)
+    got = torch.ops.instseg._paste_masks_backward(g.cuda(), masks.cuda(), boxes.cuda(), 120, 160, 1, aligned)
+    assert torch.equal(got.cpu(), want)
+    data, regions, offsets = torch.ops.instseg.paste_masks_crops(masks, boxes, 120, 160, 1, None, aligned)
+    gd = torch.randn(data.shape, dtype=torch.float64).to(dtype)
+    want = torch.ops.instseg._paste_masks_crops_backward(gd, masks, boxes, regions, offsets, 120, 160, 1, aligned)
+    got = torch.ops.instseg._paste_masks_crops_backward(gd.cuda(), masks.cuda(), boxes.cuda(), regions.cuda(),
+                                                         offsets.cuda(), 120, 160, 1, aligned)
+    assert torch.equal(got.cpu(), want)

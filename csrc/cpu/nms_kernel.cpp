@@ -101,10 +101,24 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, const int
   std::vector<int32_t> suppressed(M, 0);
   std::vector<std::vector<int64_t>> kept(S);
   const T thr = threshold_below<T>(iou_threshold);  // iou > thr iff iou > iou_threshold
-  at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
+  // Categories in parallel only when there is enough work: at most n^2 / 2 IoUs per category of
+  // n boxes. Below about 2^16 IoUs (some tens of microseconds) waking the other threads costs
+  // more than it saves, and on a busy machine a parallel region can wait a whole scheduler time
+  // slice for a descheduled thread.
+  double pairs = 0.0;
+  for (int64_t s = 0; s < S; ++s) {
+    const double n = static_cast<double>(seg[s + 1] - seg[s]);
+    pairs += 0.5 * n * n;
+  }
+  const auto run = [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s)
       greedy_segment(sb, seg[s], seg[s + 1], thr, max_output, suppressed, kept[s]);
-  });
+  };
+  if (S > 1 && pairs >= 65536.0) {
+    at::parallel_for(0, S, 1, run);
+  } else {
+    run(0, S);
+  }
   std::vector<int64_t> result;
   for (const auto& k : kept)
     for (int64_t p : k) result.push_back(order[p]);

@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -252,11 +253,162 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paste_masks_crops_cpu(
   return {data, regions, offsets};
 }
 
+// ------------------------------------------------------------------- backward
+// The gradient of mask `mask_out` (M x M, written in full) from the incoming
+// gradient of its region: `g` is the region's top-left pixel, rows `stride`
+// apart. Per region row: the row's contributions to every padded column (the
+// x-sum S_y of paste_masks_common.h, scattered pixel by pixel in ascending x),
+// then added to the one or two mask rows its y taps reach.
+template <typename scalar_t>
+void paste_backward_one(const scalar_t* g, int64_t stride, const float* box, const PasteParams& p,
+                        scalar_t* mask_out) {
+  using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+  const int64_t M = p.M;
+  Region r;
+  PasteAxis ax, ay;
+  if (p.aligned) {
+    const AlignedPaste ag = aligned_geometry(box, M, p.H, p.W);
+    r = ag.region;
+    ax = aligned_axis(ag.x0, ag.x1, M);
+    ay = aligned_axis(ag.y0, ag.y1, M);
+  } else {
+    const TvPaste tg = tv_geometry(box, M, p.pad, p.H, p.W);
+    r = tg.region;
+    ax = tv_axis(tg.sx, tg.bx, M, p.pad);
+    ay = tv_axis(tg.sy, tg.by, M, p.pad);
+  }
+  std::vector<acc_t> acc(M * M, acc_t(0));
+  if (!r.empty()) {
+    const int64_t pad = p.aligned ? 0 : p.pad, P = ax.P, w = r.x1 - r.x0;
+    std::vector<Tap> cols(w);
+    for (int64_t x = r.x0; x < r.x1; ++x) cols[x - r.x0] = ax.tap(x);
+    // S_y for padded columns -1 .. P + 1 (index c + 1): aligned taps reach -1 .. M + 1.
+    std::vector<acc_t> row(P + 3);
+    for (int64_t y = r.y0; y < r.y1; ++y) {
+      const Tap ty = ay.tap(y);
+      if (!ty.valid) continue;
+      std::fill(row.begin(), row.end(), acc_t(0));
+      const scalar_t* gy = g + (y - r.y0) * stride;
+      for (int64_t i = 0; i < w; ++i) {
+        const Tap& tx = cols[i];
+        if (!tx.valid) continue;
+        const acc_t v = static_cast<acc_t>(gy[i]);
+        row[tx.i0 + 1] = add_tap_terms(row[tx.i0 + 1], tx, tx.i0, v);
+        if (tx.i1 != tx.i0) row[tx.i1 + 1] = add_tap_terms(row[tx.i1 + 1], tx, tx.i1, v);
+      }
+      const acc_t* s = row.data() + 1 + pad;  // mask column c is padded column c + pad
+      const int64_t rows[2] = {ty.i0, ty.i1};
+      for (int k = 0; k < (ty.i1 == ty.i0 ? 1 : 2); ++k) {
+        const int64_t mr = rows[k] - pad;
+        if (mr < 0 || mr >= M) continue;
+        acc_t* out_row = acc.data() + mr * M;
+        for (int64_t c = 0; c < M; ++c) out_row[c] = add_tap_terms(out_row[c], ty, rows[k], s[c]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < M * M; ++i) mask_out[i] = static_cast<scalar_t>(acc[i]);
+}
+
+void check_backward_grad(const at::Tensor& grad, const at::Tensor& masks, const char* name) {
+  TORCH_CHECK(grad.scalar_type() == masks.scalar_type(), name, ": the gradient is ", grad.scalar_type(),
+              " but the masks are ", masks.scalar_type());
+  TORCH_CHECK(grad.device() == masks.device(), name, ": the gradient is on ", grad.device(),
+              " but the masks are on ", masks.device());
+}
+
+// Runs paste_backward_one for every mask (largest region first); grad_of(n)
+// gives mask n's (region top-left pixel, row stride) in the incoming gradient.
+template <typename GradOf>
+at::Tensor paste_backward_all(const at::Tensor& masks, const at::Tensor& boxes, const PasteParams& p,
+                              const std::vector<Region>& regions, const GradOf& grad_of, const at::Tensor& grad) {
+  const int64_t N = masks.size(0), MM = p.M * p.M;
+  at::Tensor out = at::empty(masks.sizes(), masks.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks.scalar_type(), "paste_masks_backward_cpu", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const float* b = boxes.const_data_ptr<float>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Every mask is written (masks that paste nothing get zeros): cost area + 1.
+    const std::vector<int64_t> order = largest_first(N, [&](int64_t n) { return regions[n].area() + 1; });
+    for_each_balanced(order, [&](int64_t n) {
+      const auto [offset, stride] = grad_of(n);
+      paste_backward_one(g + offset, stride, b + n * 4, p, o + n * MM);
+    });
+  });
+  return out;
+}
+
+at::Tensor paste_masks_backward_cpu(const at::Tensor& grad_, const at::Tensor& masks, const at::Tensor& boxes_,
+                                    int64_t H, int64_t W, int64_t padding, bool aligned) {
+  check_paste_args(masks, boxes_, H, W, padding, std::nullopt);
+  TORCH_CHECK(masks.device().is_cpu(), "paste_masks backward: CPU kernel got ", masks.device(), " masks");
+  check_backward_grad(grad_, masks, "paste_masks backward");
+  const int64_t N = masks.size(0);
+  TORCH_CHECK(grad_.dim() == 3 && grad_.size(0) == N && grad_.size(1) == H && grad_.size(2) == W,
+              "paste_masks backward: the gradient must be a Tensor[", N, ", ", H, ", ", W, "], got shape ",
+              grad_.sizes());
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor boxes = boxes_.to(at::kFloat).contiguous();
+  const PasteParams p = params_of(masks, H, W, padding, std::nullopt, aligned);
+  std::vector<Region> regions(N);
+  const float* b = boxes.const_data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) regions[n] = region_of(b + n * 4, p);
+  return paste_backward_all(masks, boxes, p, regions, [&](int64_t n) {
+    const Region& r = regions[n];
+    return std::pair<int64_t, int64_t>(r.empty() ? 0 : (n * H + r.y0) * W + r.x0, W);
+  }, grad);
+}
+
+at::Tensor paste_masks_crops_backward_cpu(const at::Tensor& grad_, const at::Tensor& masks,
+                                          const at::Tensor& boxes_, const at::Tensor& regions_,
+                                          const at::Tensor& offsets_, int64_t H, int64_t W, int64_t padding,
+                                          bool aligned) {
+  constexpr const char* kName = "paste_masks_crops backward";
+  check_paste_args(masks, boxes_, H, W, padding, std::nullopt);
+  TORCH_CHECK(masks.device().is_cpu(), kName, ": CPU kernel got ", masks.device(), " masks");
+  check_backward_grad(grad_, masks, kName);
+  const int64_t N = masks.size(0);
+  TORCH_CHECK(regions_.dim() == 2 && regions_.size(0) == N && regions_.size(1) == 4 &&
+                  regions_.scalar_type() == at::kLong && offsets_.dim() == 1 && offsets_.size(0) == N + 1 &&
+                  offsets_.scalar_type() == at::kLong,
+              kName, ": regions must be an int64 Tensor[", N, ", 4] and offsets an int64 Tensor[", N + 1,
+              "], got ", regions_.scalar_type(), " ", regions_.sizes(), " and ", offsets_.scalar_type(), " ",
+              offsets_.sizes());
+  TORCH_CHECK(regions_.device() == masks.device() && offsets_.device() == masks.device(), kName,
+              ": regions and offsets must be on the masks' device ", masks.device());
+  TORCH_CHECK(grad_.dim() == 1, kName, ": the gradient must be 1-D, got shape ", grad_.sizes());
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor boxes = boxes_.to(at::kFloat).contiguous();
+  const at::Tensor regions_t = regions_.contiguous(), offsets_t = offsets_.contiguous();
+  const int64_t* reg = regions_t.const_data_ptr<int64_t>();
+  const int64_t* off = offsets_t.const_data_ptr<int64_t>();
+  const PasteParams p = params_of(masks, H, W, padding, std::nullopt, aligned);
+  std::vector<Region> regions(N);
+  const float* b = boxes.const_data_ptr<float>();
+  TORCH_CHECK(off[0] == 0, kName, ": offsets[0] must be 0, got ", off[0]);
+  for (int64_t n = 0; n < N; ++n) {
+    Region r = region_of(b + n * 4, p);
+    if (r.empty()) r = Region{0, 0, 0, 0};
+    TORCH_CHECK(reg[4 * n] == r.x0 && reg[4 * n + 1] == r.y0 && reg[4 * n + 2] == r.x1 && reg[4 * n + 3] == r.y1,
+                kName, ": region (", reg[4 * n], ", ", reg[4 * n + 1], ", ", reg[4 * n + 2], ", ", reg[4 * n + 3],
+                ") of mask ", n, " differs from the geometry's (", r.x0, ", ", r.y0, ", ", r.x1, ", ", r.y1, ")");
+    TORCH_CHECK(off[n + 1] - off[n] == r.area(), kName, ": offsets of mask ", n, " span ", off[n + 1] - off[n],
+                " values, its region has ", r.area());
+    regions[n] = r;
+  }
+  TORCH_CHECK(grad.numel() == off[N], kName, ": the gradient has ", grad.numel(), " values, the crops ", off[N]);
+  return paste_backward_all(masks, boxes, p, regions, [&](int64_t n) {
+    return std::pair<int64_t, int64_t>(off[n], regions[n].x1 - regions[n].x0);
+  }, grad);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instseg, CPU, m) {
   m.impl("paste_masks", TORCH_FN(paste_masks_cpu));
   m.impl("paste_masks_crops", TORCH_FN(paste_masks_crops_cpu));
+  m.impl("_paste_masks_backward", TORCH_FN(paste_masks_backward_cpu));
+  m.impl("_paste_masks_crops_backward", TORCH_FN(paste_masks_crops_backward_cpu));
 }
 
 }  // namespace instseg

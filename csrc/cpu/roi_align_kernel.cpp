@@ -41,6 +41,11 @@
 namespace instseg {
 namespace {
 
+// Parallel loops hand each thread at least this many output bins (one channel of one bin each):
+// below that, waking the other threads costs more than the work, and on a busy machine a
+// parallel region can wait a whole scheduler time slice for a descheduled thread.
+constexpr int64_t kMinBinsPerThread = 8192;
+
 using namespace roi_align_detail;
 
 // Valid samples of one axis, grouped by bin.
@@ -201,7 +206,10 @@ void forward_nchw(const std::vector<const scalar_t*>& in, const std::vector<Leve
   const int64_t kblocks = (K + kRoiBlock - 1) / kRoiBlock;
   int64_t max_w = 0;
   for (const Level& l : lv) max_w = std::max(max_w, l.W);
-  at::parallel_for(0, C * kblocks, 1, [&](int64_t begin, int64_t end) {
+  // At least kMinBinsPerThread output bins per thread: tiny calls stay on the calling thread.
+  const int64_t task_bins = std::max<int64_t>(1, std::min(K, kRoiBlock) * PH * PW);
+  const int64_t grain = std::max<int64_t>(1, kMinBinsPerThread / task_bins);
+  at::parallel_for(0, C * kblocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(max_w);
     auto plane_of = [&](const RoiTables<acc_t>& t, int64_t c) {
       const Level& l = lv[t.level];
@@ -425,7 +433,12 @@ void backward_nchw(const GradView<scalar_t>& g, const std::vector<RoiTables<acc_
     max_hw = std::max(max_hw, l.H * l.W);
     max_w = std::max(max_w, l.W);
   }
-  at::parallel_for(0, L * N * C, 1, [&](int64_t begin, int64_t end) {
+  // A task's work: its plane, and the bins of its image's RoIs on that level.
+  int64_t max_bins = 0;
+  for (const auto& ks : per_image)
+    max_bins = std::max<int64_t>(max_bins, static_cast<int64_t>(ks.size()) * PH * PW);
+  const int64_t grain = std::max<int64_t>(1, kMinBinsPerThread / std::max<int64_t>(1, max_bins + max_hw / 16));
+  at::parallel_for(0, L * N * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kDirect ? 0 : max_hw);
     std::vector<acc_t> col(max_w);
     for (int64_t task = begin; task < end; ++task) {
@@ -465,7 +478,12 @@ void backward_channels_last(const GradView<scalar_t>& g,
     for (int64_t n = 0; n < N; ++n)
       for (int64_t y0 = 0; y0 < lv[l].H; y0 += kBand) tasks.push_back(Task{l, n, y0});
   }
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t rois = 0;
+  for (const auto& ks : per_image) rois += static_cast<int64_t>(ks.size());
+  const int64_t ntasks = std::max<int64_t>(1, static_cast<int64_t>(tasks.size()));
+  const int64_t per_task = std::max<int64_t>(1, rois * PH * PW * C / ntasks);
+  const int64_t grain = std::max<int64_t>(1, kMinBinsPerThread / (per_task + kBand * max_w * C / 16));
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kDirect ? 0 : kBand * max_w * C);
     std::vector<acc_t> gbin(C);
     for (int64_t ti = begin; ti < end; ++ti) {

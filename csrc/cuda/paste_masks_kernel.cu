@@ -13,6 +13,7 @@
 // CPU kernel's, so both give identical values.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../paste_masks_checks.h"
 #include "../paste_masks_common.h"
@@ -215,11 +217,142 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paste_masks_crops_cuda(
   return {data, p.regions, offsets};
 }
 
+// ------------------------------------------------------------------- backward
+// One thread per mask cell (grid-stride): the cell gathers the terms of the
+// region pixels whose taps reach it (paste_masks_common.h), in the CPU kernel's
+// order, so both give the same bits, without atomics (deterministic). The
+// pixels reaching padded row r have y keys in {r - 1, r}: one run of rows,
+// found by binary search (likewise for columns). Work per cell is the number
+// of (row, column) pixel pairs of its runs, about 4 x region area / M^2 for a
+// box wider than the mask; a box far larger than the image (all pixels on a few
+// cells) puts the whole region on those cells' threads.
+// Canvas form: grad is N x H x W; crop form (offsets != nullptr): mask n's
+// region starts at grad[offsets[n]], rows x1 - x0 apart.
+template <typename scalar_t>
+__global__ void paste_backward_kernel(const scalar_t* __restrict__ grad, const Geometry* __restrict__ geom,
+                                      const int64_t* __restrict__ offsets, int64_t N, int64_t M, int64_t pad,
+                                      int64_t H, int64_t W, bool aligned, scalar_t* __restrict__ out) {
+  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  const int64_t total = N * M * M;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = idx / (M * M), r = (idx / M) % M + pad, c = idx % M + pad;  // padded cell
+    const Geometry& g = geom[n];
+    const Region& reg = g.region;
+    acc_t acc = 0;
+    if (!reg.empty()) {
+      const PasteAxis ay = aligned ? aligned_axis(g.y0, g.y1, M) : tv_axis(g.sy, g.by, M, pad);
+      const PasteAxis ax = aligned ? aligned_axis(g.x0, g.x1, M) : tv_axis(g.sx, g.bx, M, pad);
+      const int64_t ya = first_pixel(ay, reg.y0, reg.y1, r - 1), yb = first_pixel(ay, ya, reg.y1, r + 1);
+      const int64_t xa = first_pixel(ax, reg.x0, reg.x1, c - 1), xb = first_pixel(ax, xa, reg.x1, c + 1);
+      const int64_t stride = offsets != nullptr ? reg.x1 - reg.x0 : W;
+      const scalar_t* base = grad + (offsets != nullptr ? offsets[n] : (n * H + reg.y0) * W + reg.x0);
+      for (int64_t y = ya; y < yb; ++y) {
+        const Tap ty = ay.tap(y);
+        if (!ty.valid || (ty.i0 != r && ty.i1 != r)) continue;
+        const scalar_t* row = base + (y - reg.y0) * stride;
+        acc_t s = 0;
+        for (int64_t x = xa; x < xb; ++x) {
+          const Tap tx = ax.tap(x);
+          if (tx.valid) s = add_tap_terms(s, tx, c, static_cast<acc_t>(row[x - reg.x0]));
+        }
+        acc = add_tap_terms(acc, ty, r, s);
+      }
+    }
+    out[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+void check_backward_grad(const at::Tensor& grad, const at::Tensor& masks, const char* name) {
+  TORCH_CHECK(grad.scalar_type() == masks.scalar_type(), name, ": the gradient is ", grad.scalar_type(),
+              " but the masks are ", masks.scalar_type());
+  TORCH_CHECK(grad.device() == masks.device(), name, ": the gradient is on ", grad.device(),
+              " but the masks are on ", masks.device());
+}
+
+at::Tensor launch_paste_backward(const Prepared& p, const at::Tensor& grad, const int64_t* offsets, int64_t H,
+                                 int64_t W, int64_t pad, bool aligned, cudaStream_t stream) {
+  const int64_t N = p.masks.size(0), M = p.masks.size(1);
+  at::Tensor out = at::empty({N, M, M}, p.masks.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.masks.scalar_type(), "paste_masks_backward_cuda", [&] {
+    INSTSEG_LAUNCH(paste_backward_kernel<scalar_t>, grid_blocks(out.numel()), kThreads, 0, stream,
+        grad.const_data_ptr<scalar_t>(), reinterpret_cast<const Geometry*>(p.geom.const_data_ptr()), offsets,
+        N, M, pad, H, W, aligned, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor paste_masks_backward_cuda(const at::Tensor& grad_, const at::Tensor& masks, const at::Tensor& boxes,
+                                     int64_t H, int64_t W, int64_t padding, bool aligned) {
+  check_paste_args(masks, boxes, H, W, padding, std::nullopt);
+  TORCH_CHECK(cuda_compat::on_kernel_device(masks), "paste_masks backward: CUDA kernel got ", masks.device(),
+              " masks");
+  check_backward_grad(grad_, masks, "paste_masks backward");
+  const int64_t N = masks.size(0);
+  TORCH_CHECK(grad_.dim() == 3 && grad_.size(0) == N && grad_.size(1) == H && grad_.size(2) == W,
+              "paste_masks backward: the gradient must be a Tensor[", N, ", ", H, ", ", W, "], got shape ",
+              grad_.sizes());
+  cuda_compat::DeviceGuard guard(masks.device());
+  const cudaStream_t stream = cuda_compat::current_stream();
+  const int64_t pad = aligned ? 0 : padding;
+  const at::Tensor grad = grad_.contiguous();
+  const Prepared p = prepare(masks, boxes, H, W, pad, aligned, false, stream);
+  return launch_paste_backward(p, grad, nullptr, H, W, pad, aligned, stream);
+}
+
+// Checks the forward's regions and offsets against the geometry and the
+// gradient's size: one device-to-host copy (a synchronisation, as the crop
+// forward has one).
+at::Tensor paste_masks_crops_backward_cuda(const at::Tensor& grad_, const at::Tensor& masks,
+                                           const at::Tensor& boxes, const at::Tensor& regions,
+                                           const at::Tensor& offsets_, int64_t H, int64_t W, int64_t padding,
+                                           bool aligned) {
+  constexpr const char* kName = "paste_masks_crops backward";
+  check_paste_args(masks, boxes, H, W, padding, std::nullopt);
+  TORCH_CHECK(cuda_compat::on_kernel_device(masks), kName, ": CUDA kernel got ", masks.device(), " masks");
+  check_backward_grad(grad_, masks, kName);
+  const int64_t N = masks.size(0);
+  TORCH_CHECK(regions.dim() == 2 && regions.size(0) == N && regions.size(1) == 4 &&
+                  regions.scalar_type() == at::kLong && offsets_.dim() == 1 && offsets_.size(0) == N + 1 &&
+                  offsets_.scalar_type() == at::kLong,
+              kName, ": regions must be an int64 Tensor[", N, ", 4] and offsets an int64 Tensor[", N + 1,
+              "], got ", regions.scalar_type(), " ", regions.sizes(), " and ", offsets_.scalar_type(), " ",
+              offsets_.sizes());
+  TORCH_CHECK(regions.device() == masks.device() && offsets_.device() == masks.device(), kName,
+              ": regions and offsets must be on the masks' device ", masks.device());
+  TORCH_CHECK(grad_.dim() == 1, kName, ": the gradient must be 1-D, got shape ", grad_.sizes());
+  cuda_compat::DeviceGuard guard(masks.device());
+  const cudaStream_t stream = cuda_compat::current_stream();
+  const int64_t pad = aligned ? 0 : padding;
+  const Prepared p = prepare(masks, boxes, H, W, pad, aligned, true, stream);
+  const at::Tensor offsets = offsets_.contiguous();
+  // [geometry's regions, its inclusive area sums, given regions, given offsets] in one copy.
+  const at::Tensor host = at::cat({p.regions.flatten(), p.ends, regions.flatten(), offsets}).cpu();
+  const int64_t* h = host.const_data_ptr<int64_t>();
+  const int64_t *want = h, *ends = h + 4 * N, *got = h + 5 * N, *off = h + 9 * N;
+  TORCH_CHECK(off[0] == 0, kName, ": offsets[0] must be 0, got ", off[0]);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(std::equal(want + 4 * n, want + 4 * n + 4, got + 4 * n), kName, ": region (", got[4 * n], ", ",
+                got[4 * n + 1], ", ", got[4 * n + 2], ", ", got[4 * n + 3], ") of mask ", n,
+                " differs from the geometry's (", want[4 * n], ", ", want[4 * n + 1], ", ", want[4 * n + 2], ", ",
+                want[4 * n + 3], ")");
+    TORCH_CHECK(off[n + 1] == ends[n], kName, ": offsets[", n + 1, "] is ", off[n + 1], ", the regions give ",
+                ends[n]);
+  }
+  TORCH_CHECK(grad_.numel() == off[N], kName, ": the gradient has ", grad_.numel(), " values, the crops ", off[N]);
+  const at::Tensor grad = grad_.contiguous();
+  return launch_paste_backward(p, grad, offsets.const_data_ptr<int64_t>(), H, W, pad, aligned, stream);
+}
+
 }  // namespace
 
 INSTSEG_CUDA_LIBRARY_IMPL(m) {
   m.impl("paste_masks", TORCH_FN(paste_masks_cuda));
   m.impl("paste_masks_crops", TORCH_FN(paste_masks_crops_cuda));
+  m.impl("_paste_masks_backward", TORCH_FN(paste_masks_backward_cuda));
+  m.impl("_paste_masks_crops_backward", TORCH_FN(paste_masks_crops_backward_cuda));
 }
 
 }  // namespace instseg

@@ -15,11 +15,14 @@ from .roi_heads import (
                         TwoMLPHead,
                         detect,
                         label_and_sample,
+                        mask_loss,
+                        match_and_label,
 )
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform
 
 __all__ = ["AnchorGenerator", "BoxCoder", "box_area", "box_iou", "clip_boxes", "BalancedSampler", "Matcher",
            "RoIGeometry", "mask_targets", "BoxPredictor", "BoxStage", "MaskHead", "MaskPredictor", "RoIHeads",
-           "SampledProposals", "TwoMLPHead", "detect", "label_and_sample", "RegionProposalNetwork", "RPNHead",
+           "SampledProposals", "TwoMLPHead", "detect", "label_and_sample", "mask_loss", "match_and_label",
+           "RegionProposalNetwork", "RPNHead",
            "DetectionTransform"]

@@ -101,25 +101,24 @@ class SampledProposals:
     boxes: List[Tensor]
     matched: List[Tensor]
     labels: List[Tensor]
+    # Per image, whether each sample is a ground-truth box added as a proposal (None: unknown).
+    from_gt: Optional[List[Tensor]] = None
 
     def positives(self) -> List[Tensor]:
         return [torch.where(lab > 0)[0] for lab in self.labels]
 
 
-def label_and_sample(proposals: List[Tensor], targets: List[Dict[str, Tensor]], matcher: Matcher,
-                     sampler: BalancedSampler, add_gt: bool = True) -> SampledProposals:
-    """Matches each image's proposals (plus its ground-truth boxes when ``add_gt``) to the
-    ground truth with ``matcher``, labels them (0 below the low threshold, -1 between the
-    thresholds: ignored) and keeps the ``sampler``'s positives and negatives."""
-    dtype, device = proposals[0].dtype, proposals[0].device
-    gt_boxes = [t["boxes"].to(dtype) for t in targets]
-    if add_gt:
-        proposals = [torch.cat([p, g]) for p, g in zip(proposals, gt_boxes)]
+def match_and_label(proposals: List[Tensor], targets: List[Dict[str, Tensor]],
+                    matcher: Matcher) -> Tuple[List[Tensor], List[Tensor]]:
+    """Per image, the index of the ground truth each proposal is matched to (0 where none) and
+    its label: the ground truth's class, 0 below the matcher's low threshold (and for every
+    proposal of an image without ground truth), -1 between the thresholds (ignored)."""
     matched, labels = [], []
-    for p, g, t in zip(proposals, gt_boxes, targets):
-        if g.numel() == 0:
-            matched.append(torch.zeros(p.shape[0], dtype=torch.int64, device=device))
-            labels.append(torch.zeros(p.shape[0], dtype=torch.int64, device=device))
+    for p, t in zip(proposals, targets):
+        g = t["boxes"].to(p.dtype)
+        if g.numel() == 0 or p.shape[0] == 0:
+            matched.append(torch.zeros(p.shape[0], dtype=torch.int64, device=p.device))
+            labels.append(torch.zeros(p.shape[0], dtype=torch.int64, device=p.device))
             continue
         idx = matcher(box_iou(g, p))
         cls = t["labels"][idx.clamp(min=0)].to(torch.int64)
@@ -127,13 +126,27 @@ def label_and_sample(proposals: List[Tensor], targets: List[Dict[str, Tensor]], 
         cls[idx == Matcher.BETWEEN_THRESHOLDS] = -1
         matched.append(idx.clamp(min=0))
         labels.append(cls)
+    return matched, labels
+
+
+def label_and_sample(proposals: List[Tensor], targets: List[Dict[str, Tensor]], matcher: Matcher,
+                     sampler: BalancedSampler, add_gt: bool = True) -> SampledProposals:
+    """Matches each image's proposals (plus its ground-truth boxes when ``add_gt``) to the
+    ground truth with ``matcher``, labels them (``match_and_label``) and keeps the
+    ``sampler``'s positives and negatives."""
+    dtype = proposals[0].dtype
+    counts = [p.shape[0] for p in proposals]
+    if add_gt:
+        proposals = [torch.cat([p, t["boxes"].to(dtype)]) for p, t in zip(proposals, targets)]
+    matched, labels = match_and_label(proposals, targets, matcher)
     pos, neg = sampler(labels)
-    out = SampledProposals([], [], [])
+    out = SampledProposals([], [], [], [])
     for i, p in enumerate(proposals):
         keep = torch.where(pos[i] | neg[i])[0]
         out.boxes.append(p[keep])
         out.labels.append(labels[i][keep])
         out.matched.append(matched[i][keep])
+        out.from_gt.append(keep >= counts[i])
     return out
 
 
@@ -171,13 +184,26 @@ class BoxStage:
     def sample(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]], add_gt: bool = True):
         """Labelled training samples and their regression targets under this stage's coder."""
         s = label_and_sample(proposals, targets, self.matcher, self.sampler, add_gt)
+        return s, self.regression_targets(s, targets)
+
+    def label(self, boxes: List[Tensor], targets: List[Dict[str, Tensor]]):
+        """All ``boxes`` matched and labelled by this stage's matcher, without sampling and
+        without adding the ground truth (a cascade's later stages relabel the refined boxes of
+        the same RoIs this way), and their regression targets under this stage's coder."""
+        matched, labels = match_and_label(boxes, targets, self.matcher)
+        s = SampledProposals(list(boxes), matched, labels, [torch.zeros_like(m, dtype=torch.bool) for m in matched])
+        return s, self.regression_targets(s, targets)
+
+    def regression_targets(self, s: SampledProposals, targets: List[Dict[str, Tensor]]) -> List[Tensor]:
+        """Each sample's matched ground-truth box encoded relative to it (a zero box where the
+        image has none: those samples are negatives and take no box loss)."""
         matched_boxes = []
         for i, t in enumerate(targets):
             g = t["boxes"].to(s.boxes[i].dtype)
             if g.numel() == 0:
                 g = torch.zeros((1, 4), dtype=s.boxes[i].dtype, device=s.boxes[i].device)
             matched_boxes.append(g[s.matched[i]])
-        return s, self.box_coder.encode(matched_boxes, s.boxes)
+        return self.box_coder.encode(matched_boxes, s.boxes)
 
     def __call__(self, features: Dict[str, Tensor], boxes: List[Tensor],
                  image_shapes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
@@ -186,15 +212,20 @@ class BoxStage:
 
     @staticmethod
     def losses(class_logits: Tensor, box_deltas: Tensor, labels: List[Tensor],
-               regression: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Cross-entropy over the classes and smooth-L1 (beta 1/9) of the positives' deltas
-        for their class, summed and divided by the number of samples (torchvision's)."""
+               regression: List[Tensor], beta: float = 1 / 9) -> Tuple[Tensor, Tensor]:
+        """Cross-entropy over the classes and smooth-L1 (``beta``: 1/9 is torchvision's, 0 is
+        L1 as detectron2's) of the positives' deltas for their class, summed and divided by the
+        number of samples (torchvision's). No samples at all: both losses are 0 (and keep the
+        graph)."""
         labels_all, reg_all = torch.cat(labels), torch.cat(regression)
+        if labels_all.numel() == 0:
+            zero = class_logits.sum() * 0 + box_deltas.sum() * 0
+            return zero, zero.clone()
         cls_loss = F.cross_entropy(class_logits, labels_all)
         pos = torch.where(labels_all > 0)[0]
         deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
         cls = torch.zeros_like(labels_all[pos]) if deltas.shape[1] == 1 else labels_all[pos]
-        box_loss = F.smooth_l1_loss(deltas[pos, cls], reg_all[pos], beta=1 / 9,
+        box_loss = F.smooth_l1_loss(deltas[pos, cls], reg_all[pos], beta=beta,
                                     reduction="sum") / labels_all.numel()
         return cls_loss, box_loss
 
@@ -221,6 +252,29 @@ def detect(boxes: Tensor, scores: Tensor, image_shape: Tuple[int, int], score_th
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = instseg_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
     return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
+
+
+def mask_loss(mask_logits, features: Dict[str, Tensor], sampled: SampledProposals,
+              image_shapes: List[Tuple[int, int]], targets: List[Dict[str, Tensor]], geometry: RoIGeometry,
+              positives_per_image: int = 0) -> Tensor:
+    """Binary cross-entropy of the mask logits (``mask_logits(features, boxes, image_shapes)``,
+    [R, K, M, M]) of the sampled positives (at most ``positives_per_image`` random ones per
+    image; 0: all) for their ground truth's class against ``geometry``'s mask targets; 0 (and
+    the graph kept) without positives."""
+    pos = sampled.positives()
+    k = positives_per_image
+    if k > 0:
+        pos = [i[torch.randperm(i.numel(), device=i.device)[:k]] if i.numel() > k else i for i in pos]
+    boxes = [b[i] for b, i in zip(sampled.boxes, pos)]
+    matched = [m[i] for m, i in zip(sampled.matched, pos)]
+    logits = mask_logits(features, boxes, image_shapes)
+    gt_labels = [t["labels"][m] for t, m in zip(targets, matched)]
+    cls = torch.cat(gt_labels) if gt_labels else logits.new_zeros((0,), dtype=torch.int64)
+    tgt = geometry.mask_targets([t["masks"] for t in targets], boxes, matched, logits.shape[-1])
+    if tgt.numel() == 0:
+        return logits.sum() * 0
+    chosen = logits[torch.arange(cls.shape[0], device=cls.device), cls]
+    return F.binary_cross_entropy_with_logits(chosen, tgt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,20 +344,8 @@ class RoIHeads(nn.Module):
     def _forward_mask(self, features: Dict[str, Tensor], sampled: SampledProposals,
                       image_shapes: List[Tuple[int, int]], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """The mask loss on the sampled positives (at most ``mask_positives_per_image`` each)."""
-        pos = sampled.positives()
-        k = self.mask_positives_per_image
-        if k > 0:
-            pos = [i[torch.randperm(i.numel(), device=i.device)[:k]] if i.numel() > k else i for i in pos]
-        boxes = [b[i] for b, i in zip(sampled.boxes, pos)]
-        matched = [m[i] for m, i in zip(sampled.matched, pos)]
-        logits = self.mask_logits(features, boxes, image_shapes)
-        gt_labels = [t["labels"][m] for t, m in zip(targets, matched)]
-        cls = torch.cat(gt_labels) if gt_labels else logits.new_zeros((0,), dtype=torch.int64)
-        tgt = self.geometry.mask_targets([t["masks"] for t in targets], boxes, matched, logits.shape[-1])
-        if tgt.numel() == 0:
-            return {"loss_mask": logits.sum() * 0}
-        chosen = logits[torch.arange(cls.shape[0], device=cls.device), cls]
-        return {"loss_mask": F.binary_cross_entropy_with_logits(chosen, tgt)}
+        return {"loss_mask": mask_loss(self.mask_logits, features, sampled, image_shapes, targets, self.geometry,
+                                       self.mask_positives_per_image)}
 
     def forward_with_given_boxes(self, features: Dict[str, Tensor], detections: List[Dict[str, Tensor]],
                                  image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:

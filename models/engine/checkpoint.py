@@ -91,10 +91,35 @@ def find_resume_checkpoint(out_dir: str) -> Optional[str]:
     return final if os.path.exists(final) else None
 
 
+# What an inference checkpoint keeps of a training one (no optimizer, scheduler or RNG state).
+_INFERENCE_KEYS = ("preset", "categories", "iteration", "seed", "data", "budget_elapsed")
+
+
+def export_checkpoint(src: str, dst: str, dtype: Optional[torch.dtype] = torch.float16,
+                      info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Writes an inference-only copy of the trainer checkpoint ``src`` to ``dst``: the model's
+    weights (floating-point ones cast to ``dtype``; None keeps them), the preset and category
+    names ``model_from_checkpoint`` needs, and ``info`` (e.g. the evaluation it scored) under
+    ``"info"``. The model loads back in float32: ``load_pretrained`` copies into its parameters.
+    Returns the dict written."""
+    ckpt = load_checkpoint(src)
+    if "preset" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{src} is not a checkpoint written by the trainer (no preset or model in it)")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype or None, got {dtype}")
+    out = {k: ckpt[k] for k in _INFERENCE_KEYS if k in ckpt}
+    out["model"] = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().clone()
+                    for k, v in ckpt["model"].items()}
+    out["info"] = dict(info or {})
+    atomic_save(out, dst)
+    return out
+
+
 def model_from_checkpoint(path: str, device: str = "cpu"):
-    """``(model in eval mode, {label: name}, preset)`` from a checkpoint written by the trainer:
-    the preset's registered architecture (``Preset.arch``) with its keyword arguments, and the
-    checkpoint's weights (``load_pretrained``)."""
+    """``(model in eval mode, {label: name}, preset)`` from a checkpoint written by the trainer
+    (or by ``export_checkpoint``): the preset's registered architecture (``Preset.arch``) with
+    its keyword arguments, and the checkpoint's weights (``load_pretrained``; float16 weights
+    are copied into the float32 model)."""
     from ..weights import load_pretrained
     from .presets import Preset, build_model
     ckpt = load_checkpoint(path)
