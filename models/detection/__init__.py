@@ -3,6 +3,7 @@ proposals, the RoI geometry and poolers, the second stage's box and mask stages,
 image transform."""
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, box_area, box_iou, clip_boxes
+from .fcos import FCOS, FCOSHead, fcos_inference, fcos_losses, fcos_targets
 from .matcher import BalancedSampler, Matcher
 from .poolers import RoIGeometry, mask_targets
 from .roi_heads import (
@@ -22,4 +23,4 @@ from .transform import DetectionTransform
 __all__ = ["AnchorGenerator", "BoxCoder", "box_area", "box_iou", "clip_boxes", "BalancedSampler", "Matcher",
            "RoIGeometry", "mask_targets", "BoxPredictor", "BoxStage", "MaskHead", "MaskPredictor", "RoIHeads",
            "SampledProposals", "TwoMLPHead", "detect", "label_and_sample", "RegionProposalNetwork", "RPNHead",
-           "DetectionTransform"]
+           "DetectionTransform", "FCOS", "FCOSHead", "fcos_inference", "fcos_losses", "fcos_targets"]
