@@ -322,18 +322,19 @@ def centermask_vovnet(body: str = "V-39", num_classes: int = 81, norm: str = "fr
                       post_nms_top_k_train: int = 100, pre_nms_top_k_train: int = 1000,
                       pre_nms_top_k_test: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.6,
                       mask_batch_size_per_image: int = 512, mask_positive_fraction: float = 0.25,
-                      channels_last: Optional[bool] = None) -> CenterMask:
+                      channels_last: Optional[bool] = None, body_width: float = 1.0) -> CenterMask:
     """CenterMask on a VoVNetV2 ``body`` (``vovnet`` names) with centermask2's defaults
     (CenterMask; the ``centermask_lite_*`` builders set the Lite values): FPN of ``fpn_channels``
     on stage3-stage5 plus P6/P7 from P5, FCOS with ``fcos_convs`` tower convs, SAG-Mask and
     MaskIoU heads of ``mask_num_convs`` x ``mask_conv_dim`` (default: ``fpn_channels``) on 14x14
     RoIs, images resized to a short side from ``min_size`` (training: a random one; test: the
     last) and at most ``max_size``. ``norm``: the body's normalisation ("frozen_bn", "bn",
-    "gn"); ``fpn_norm``: optional normalisation in the FPN (the reference has none)."""
+    "gn"); ``fpn_norm``: optional normalisation in the FPN (the reference has none);
+    ``body_width``: scales the body's channels (1.0: the reference's)."""
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     geometry = RoIGeometry(aligned=True)
-    body_net = vovnet(body, norm)
+    body_net = vovnet(body, norm, width=body_width)
     backbone = BackboneWithFPN(body_net, fpn_channels, fpn_norm,
                                LastLevelP6P7(fpn_channels, fpn_channels, use_p5=True, names=("p6", "p7")))
     levels = backbone.out_features
@@ -395,7 +396,7 @@ def centermask_lite_v19_slim_dw(**overrides) -> CenterMask:
 # The shapes preset's model: trainable GroupNorm in the body and the FPN (training from scratch),
 # 256 px images, fewer RoIs per image (a few objects each).
 SHAPES_CENTERMASK = dict(body="V-19-slim", num_classes=SHAPES_NUM_CLASSES, norm="gn", fpn_norm="gn",
-                         fpn_channels=64, fcos_convs=2, mask_num_convs=2, min_size=256, max_size=256,
+                         body_width=0.5, fpn_channels=64, fcos_convs=2, mask_num_convs=2, min_size=256, max_size=256,
                          mask_batch_size_per_image=128, pre_nms_top_k_train=500, post_nms_top_k_train=50,
                          pre_nms_top_k_test=500)
 

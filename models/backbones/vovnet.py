@@ -109,8 +109,10 @@ class VoVNetBody(nn.Module):
     reads them)."""
 
     def __init__(self, name: str = "V-39", norm: str = "frozen_bn",
-                 out_features: Sequence[str] = ("stage3", "stage4", "stage5")):
+                 out_features: Sequence[str] = ("stage3", "stage4", "stage5"), width: float = 1.0):
         super().__init__()
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width}")
         key = name[:-4] if name.endswith("-eSE") else name
         if key not in STAGE_SPECS:
             raise ValueError(f"unknown VoVNet {name!r}; known: {', '.join(STAGE_SPECS)}")
@@ -120,6 +122,8 @@ class VoVNetBody(nn.Module):
                 raise ValueError(f"out_features must be among {all_stages}, got {f!r}")
         norm_layer(norm)  # validates the name
         stem, conv_ch, out_ch, layers, blocks, depthwise = STAGE_SPECS[key]
+        if width != 1.0:  # every width scaled (multiples of 8), e.g. for small images on a CPU
+            stem, conv_ch, out_ch = ([max(8, int(round(c * width / 8)) * 8) for c in chs] for chs in (stem, conv_ch, out_ch))
         self.name = key
         stem_unit = _dw_unit if depthwise else _unit
         self.stem = nn.Sequential(OrderedDict(
@@ -157,8 +161,9 @@ class VoVNetBody(nn.Module):
 
 
 def vovnet(name: str = "V-39", norm: str = "frozen_bn",
-           out_features: Sequence[str] = ("stage3", "stage4", "stage5")) -> VoVNetBody:
+           out_features: Sequence[str] = ("stage3", "stage4", "stage5"), width: float = 1.0) -> VoVNetBody:
     """A VoVNetV2 body by name ("V-19-slim-dw", "V-19-dw", "V-19-slim", "V-19", "V-39", "V-57",
     "V-99"; "-eSE" suffix optional) with ``norm`` "frozen_bn" (pretrained weights, centermask2's
-    default), "bn" or "gn" (trainable, from scratch)."""
-    return VoVNetBody(name, norm, out_features)
+    default), "bn" or "gn" (trainable, from scratch). ``width`` scales every channel count
+    (rounded to multiples of 8; 1.0: the reference's bodies)."""
+    return VoVNetBody(name, norm, out_features, width)
