@@ -156,6 +156,7 @@ class Evaluator:
     def reset(self):
         self.results = {t: [] for t in self.iou_types}
         self.img_ids = set()
+        self.mask_scored = False  # some output carried mask_scores: also report "segm_unscored"
 
     def update(self, outputs_by_image_id):
         for image_id, output in outputs_by_image_id.items():
@@ -169,17 +170,19 @@ class Evaluator:
             for t in self.iou_types:
                 self.results[t].extend(res[t])
             self.img_ids.add(image_id)
+            self.mask_scored = self.mask_scored or "mask_scores" in output
 
     def synchronize(self, all_gather) -> None:
         """Merges the results of every process into each: ``all_gather(obj)`` returns the list
         of every rank's ``obj`` (``torch.distributed.all_gather_object``, or ``lambda o: [o]``
         in a single process). Ranks' image sets must not overlap."""
-        parts = all_gather((self.results, sorted(self.img_ids)))
+        parts = all_gather((self.results, sorted(self.img_ids), self.mask_scored))
         self.reset()
-        for results, img_ids in parts:
+        for results, img_ids, mask_scored in parts:
             for iou_type, res in results.items():
                 self.results[iou_type].extend(res)
             self.img_ids.update(img_ids)
+            self.mask_scored = self.mask_scored or mask_scored
 
     def _results_coco(self, iou_type):
         if iou_type == "segm_unscored":  # the masks ranked by the detection scores
@@ -207,7 +210,7 @@ class Evaluator:
         same masks ranked by the detection ``scores`` are scored too, as "segm_unscored"."""
         metrics = {}
         types = list(self.iou_types)
-        if "segm" in types and any("det_score" in r for r in self.results["segm"]):
+        if "segm" in types and self.mask_scored:
             types.append("segm_unscored")
         for t in types:
             dt = self._results_coco(t)
