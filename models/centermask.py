@@ -213,7 +213,9 @@ class CenterMaskHeads(nn.Module):
             with torch.no_grad():
                 fraction = torch.cat([box_mask_fraction(t["masks"], b, m) for t, b, m in zip(targets, boxes, matched)])
                 iou_target = maskiou_targets(chosen, gt, fraction)
-            pred = self.maskiou_head(feats, chosen.detach().sigmoid()[:, None])
+            # As the reference: the probabilities are not detached, so the MaskIoU loss also
+            # reaches the mask logits through the head's input.
+            pred = self.maskiou_head(feats, chosen.sigmoid()[:, None])
             losses["loss_maskiou"] = maskiou_loss(pred, classes, iou_target, self.maskiou_weight)
         return losses
 
