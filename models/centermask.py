@@ -427,3 +427,69 @@ __all__ = ["CenterMask", "CenterMaskHeads", "SAGMaskHead", "SpatialAttention", "
            "maskiou_targets", "maskiou_loss", "centermask_vovnet", "centermask_v39", "centermask_v57",
            "centermask_v99", "centermask_lite_v19", "centermask_lite_v39", "centermask_lite_v19_slim_dw",
            "centermask_lite_shapes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# centermask2 checkpoints (load_pretrained)
+
+_CM2_RULES = [
+    # body: backbone.bottom_up -> backbone.body, OrderedDict names "name/part" -> modules
+    (r"^backbone\.bottom_up\.", "backbone.body."),
+    (r"\.OSA(\d)_(\d+)\.layers\.(\d+)\.OSA\d_\d+_\d+/", r".osa\2.layers.\3."),
+    (r"\.OSA(\d)_(\d+)\.concat\.OSA\d_\d+_concat/", r".osa\2.concat."),
+    (r"\.OSA(\d)_(\d+)\.conv_reduction\.OSA\d_\d+_reduction_0/", r".osa\2.reduction."),
+    (r"\.OSA(\d)_(\d+)\.ese\.", r".osa\2.ese."),
+    (r"\.stem\.(stem_\d)/", r".stem.\1."),
+    (r"\.dw_conv3x3\.", ".dw_conv."), (r"\.pw_conv1x1\.", ".pw_conv."), (r"\.pw_norm\.", ".norm."),
+    # detectron2's FPN
+    (r"^backbone\.fpn_lateral(\d)\.", lambda m: f"backbone.fpn.inner_blocks.{int(m.group(1)) - 3}.0."),
+    (r"^backbone\.fpn_output(\d)\.", lambda m: f"backbone.fpn.layer_blocks.{int(m.group(1)) - 3}.0."),
+    (r"^backbone\.top_block\.", "backbone.fpn.top_block."),
+    # FCOS
+    (r"^proposal_generator\.fcos_head\.", "fcos.head."),
+    # SAG-Mask and MaskIoU heads
+    (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.", lambda m: f"roi_heads.mask_head.convs.{2 * int(m.group(1)) - 2}."),
+    (r"^roi_heads\.mask_head\.spatialAtt\.", "roi_heads.mask_head.attention."),
+    (r"^roi_heads\.maskiou_head\.maskiou_fcn(\d+)\.",
+     lambda m: f"roi_heads.maskiou_head.convs.{2 * int(m.group(1)) - 2}."),
+    (r"^roi_heads\.maskiou_head\.maskiou_fc(\d)\.", r"roi_heads.maskiou_head.fc\1."),
+    (r"^roi_heads\.maskiou_head\.maskiou\.", "roi_heads.maskiou_head.predictor."),
+]
+
+
+def centermask2_key(key: str) -> str:
+    """A centermask2 (detectron2) state-dict key -> this model's name."""
+    import re
+    for pattern, repl in _CM2_RULES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _is_centermask2(sd, model) -> bool:
+    return isinstance(model, CenterMask) and any(k.startswith("backbone.bottom_up.stem.stem_1/") for k in sd)
+
+
+def _from_centermask2(sd, model):
+    """Renames centermask2's keys, drops its pixel mean/std buffers, reshapes the FCOS scales
+    ([1] -> scalar) and flips the first conv's input channels: centermask2 takes BGR images,
+    this model RGB (both normalised with the same ImageNet statistics)."""
+    own = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k in ("pixel_mean", "pixel_std") or k.endswith("num_batches_tracked"):
+            continue
+        name = centermask2_key(k)
+        if name.startswith("fcos.head.scales.") and name in own:
+            v = v.reshape(own[name].shape)
+        if name == "backbone.body.stem.stem_1.conv.weight":
+            v = v.flip(1)
+        out[name] = v
+    return out
+
+
+def _register_layout():
+    from .weights import register_layout
+    register_layout("centermask2", _is_centermask2, _from_centermask2)
+
+
+_register_layout()
