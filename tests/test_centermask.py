@@ -152,7 +152,8 @@ def test_fcos_targets_match_a_brute_force_assignment(seed):
         # ties: a copy of box 0 (another class) and a box of box 0's area with its sides swapped
         x0, y0, x1, y1 = boxes[0].tolist()
         swapped = torch.tensor([[x0, y0, x0 + (y1 - y0), y0 + (x1 - x0)]], dtype=torch.float64)
-        boxes = torch.cat([boxes, boxes[:1], swapped])
+        # and a box with a sure positive: P3 location (36, 36) has max distance 24, the top of P3's range
+        boxes = torch.cat([boxes, boxes[:1], swapped, torch.tensor([[20.0, 20.0, 60.0, 60.0]], dtype=torch.float64)])
         classes = torch.randint(0, 5, (boxes.shape[0],), generator=gen)
         cls, reg, idx = fcos_targets(locs, strides, boxes, classes, 5, soi, True, 1.5)
         ecls, ereg, eidx = _brute_targets(locs, strides, boxes, classes, 5, soi, 1.5)
