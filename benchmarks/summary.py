@@ -26,6 +26,7 @@ PEERS = {
     "paste_masks": ("paste_masks", "torchvision's paste_masks_in_image"),
     "ms_deform_attn": ("ms_deform_attn", "grid_sample formulation (transformers, Deformable DETR)"),
     "maskrcnn": ("Mask R-CNN R50-FPN", "torchvision maskrcnn_resnet50_fpn"),
+    "mask2former": ("Mask2Former R50", "transformers' Mask2FormerForUniversalSegmentation"),
     "overhead": ("per-call overhead", "torchvision.ops (tiny inputs)"),
 }
 SHORT_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
@@ -132,6 +133,18 @@ def cases_maskrcnn(data):
     return out
 
 
+def cases_mask2former(data):
+    out = []
+    for r in data["rows"]:
+        if r.get("speedup") is None:
+            continue
+        d = r.get("max_logit_diff")
+        c = _case("Mask2Former R50", r["device"], f"stage {r['stage']}", r["speedup"], d is not None and d <= 1e-4, d)
+        c["samples"] = (r.get("ours_samples_ms"), r.get("hf_samples_ms"))
+        out.append(c)
+    return out
+
+
 def cases_overhead(data):
     return [_case("per-call overhead", "cpu", api, v["torchvision"] / v["instseg_ops"], True, None)
             for api, v in data["us_per_call"].items() if v.get("instseg_ops")]
@@ -159,6 +172,8 @@ def load_cases(out_dir, since):
                 cases += cases_msda(data)
             elif stem == "maskrcnn":
                 cases += cases_maskrcnn(data)
+            elif stem == "mask2former":
+                cases += cases_mask2former(data)
             else:
                 cases += cases_overhead(data)
     return cases, used, missing
@@ -182,6 +197,9 @@ def summarize(cases):
         group = [c for c in cases if c["op"] == op and c["device"] == device]
         if op == "Mask R-CNN R50-FPN":
             rows += _maskrcnn_rows(group, device)
+            continue
+        if op == "Mask2Former R50":
+            rows += _mask2former_rows(group, device)
             continue
         na = [c for c in group if c["speedup"] is None]
         group = [c for c in group if c["speedup"] is not None]
@@ -235,6 +253,26 @@ def _maskrcnn_rows(group, device):
     return rows
 
 
+def _spread(c):
+    """(lowest, highest) speedup over the repeats: the slowest of ours against the fastest peer and back."""
+    ours, peer = c["samples"]
+    if ours and peer:
+        return min(peer) / max(ours), max(peer) / min(ours), len(ours)
+    return c["speedup"], c["speedup"], 1
+
+
+def _mask2former_rows(group, device):
+    rows = []
+    for c in group:
+        lo, hi, n = _spread(c)
+        name = {"stage end_to_end": "Mask2Former R50, end to end", "stage pixel_decoder": "Mask2Former, pixel decoder"}
+        rows.append({"op": name.get(c["label"], "Mask2Former " + c["label"]), "device": device,
+                     "peer": PEERS["mask2former"][1], "cases": n, "median": c["speedup"], "min": lo, "max": hi,
+                     "check": f"same weights, 512x512: max |logit diff| {_fmt_diff(c['diff'])}", "all_ok": c["ok"],
+                     "spread_over": "repeats"})
+    return rows
+
+
 def render(rows, missing, meta, demo):
     lines = [f"instseg_ops against its peers, measured in this run ({meta.get('date', '?')}, commit "
              f"{(meta.get('commit') or '?')[:7]}; torch {meta.get('torch', '?')}, {meta.get('num_threads', '?')} threads)"]
@@ -251,10 +289,11 @@ def render(rows, missing, meta, demo):
         lines.append(f"{r['op']:<32} {r['device']:<4} {r['cases']:>5} {sp:>28}  {r['check']}{flag}")
     lines.append("")
     lines.append("peers: " + "; ".join(f"{r['op']}: {r['peer']}" for r in rows if r["op"] in
-                                       ("roi_align", "MultiScaleRoIAlign", "paste_masks", "ms_deform_attn")))
+                                       ("roi_align", "MultiScaleRoIAlign", "paste_masks", "ms_deform_attn",
+                                        "Mask2Former R50, end to end")))
     lines.append("speedup = peer time / our time, same inputs, same process; [min - max] over the cases run "
-                 "(dtypes, layouts, passes, sizes), for Mask R-CNN over the repeats (random weights, "
-                 "same state dict; same box: same label and box IoU > 0.99)")
+                 "(dtypes, layouts, passes, sizes), for the models over the repeats (random weights, "
+                 "same state dict; Mask R-CNN's same box: same label and box IoU > 0.99)")
     if missing:
         lines.append("not run in this run: " + ", ".join(missing))
     if demo:
@@ -273,6 +312,9 @@ def plot(cases, path):
     import matplotlib.pyplot as plt
     cases = [c for c in cases if c["speedup"] is not None and
              (c["op"] != "Mask R-CNN R50-FPN" or c["label"] in ("stage total", "stage post_backbone"))]
+    names = {"stage total": "end to end", "stage post_backbone": "after the backbone", "stage end_to_end": "end to end",
+             "stage pixel_decoder": "pixel decoder"}
+    cases = [dict(c, label=names.get(c["label"], c["label"])) for c in cases]
     ops = []
     for c in cases:
         if c["op"] not in ops:

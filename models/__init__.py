@@ -5,7 +5,7 @@ Layout:
 - ``backbones/``: ResNet bodies, the FPN with pluggable top blocks, normalisation layers;
 - ``detection/``: anchors, box ops, matcher and sampler, RPN, RoI geometry and poolers, the
   box and mask stages, the image transform;
-- one module or subpackage per model family (``mask_rcnn``, ``cascade_rcnn``, ``mask2former``, ``sam``);
+- one module or subpackage per model family (``mask_rcnn``, ``cascade_rcnn``, ``centermask``, ``mask2former``, ``sam``);
 - ``registry`` (``get_model``, ``list_models``) and ``weights`` (``load_pretrained``);
 - ``data/``: COCO-format datasets, the synthetic shapes generator, COCO evaluation;
 - ``engine/``: the trainer, its hooks, checkpoints, distributed helpers, presets;
@@ -21,7 +21,9 @@ from .backbones import (
                         LastLevelMaxPool,
                         LastLevelP6P7,
                         ResNetBody,
+                        VoVNetBody,
                         resnet_fpn_backbone,
+                        vovnet,
 )
 from .detection import (
                         AnchorGenerator,
@@ -43,6 +45,17 @@ from .detection import (
 from .cascade_rcnn import CascadeMaskRCNN, CascadeRoIHeads, cascade_maskrcnn_resnet50_fpn, cascade_maskrcnn_resnet_fpn
 from .mask2former import (Mask2Former, MaskFormer, mask2former_resnet, mask2former_resnet50, mask2former_resnet101,
                           maskformer_resnet, maskformer_resnet50)
+from .centermask import (
+                         CenterMask,
+                         centermask_lite_shapes,
+                         centermask_lite_v19,
+                         centermask_lite_v19_slim_dw,
+                         centermask_lite_v39,
+                         centermask_v39,
+                         centermask_v57,
+                         centermask_v99,
+                         centermask_vovnet,
+)
 from .mask_rcnn import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
 from .registry import get_model, list_models, register_model
 from .sam import Sam, SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
@@ -56,5 +69,7 @@ __all__ = ["get_model", "list_models", "register_model", "load_pretrained", "reg
            "BalancedSampler", "RegionProposalNetwork", "RPNHead", "RoIGeometry", "RoIHeads", "BoxStage",
            "TwoMLPHead", "BoxPredictor", "MaskHead", "MaskPredictor", "DetectionTransform", "Mask2Former",
            "mask2former_resnet", "mask2former_resnet50", "mask2former_resnet101", "MaskFormer",
-           "maskformer_resnet", "maskformer_resnet50",
+           "maskformer_resnet", "maskformer_resnet50", "vovnet", "VoVNetBody",
+           "CenterMask", "centermask_vovnet", "centermask_v39", "centermask_v57", "centermask_v99",
+           "centermask_lite_v19", "centermask_lite_v39", "centermask_lite_v19_slim_dw", "centermask_lite_shapes",
            "Sam", "SamPredictor", "SamAutomaticMaskGenerator", "sam_model_registry"]

@@ -2,7 +2,8 @@
 # The main job. Sets everything up from nothing (scripts/setup_env.sh), then:
 #   1. every op benchmark against its peer in the same run, in a representative reduced form
 #      (roi_align, multi-level RoIAlign, nms/batched_nms, mask pasting, ms_deform_attn, Mask R-CNN
-#      end to end, per-call overhead), on the CPU and, when there is one, the GPU;
+#      end to end, Mask2Former against transformers', per-call overhead), on the CPU and, when there is
+#      one, the GPU;
 #   2. the demo: the shipped Mask R-CNN checkpoint on freshly generated images, drawn to
 #      benchmarks/out/demo.png;
 #   3. a one-screen summary (speedups with their spread, correctness checks, devices) and the
@@ -18,7 +19,7 @@ full=0
 for a in "$@"; do
   case "$a" in
     --full) full=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "main.sh: unknown argument $a (use --full or --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +41,7 @@ step() {  # step NAME COMMAND...: runs it with a header and its wall time
 }
 
 if [ "$full" = 1 ]; then
-  roi=() ml=() nms=() paste=() mrcnn=() msda=() overhead=()
+  roi=() ml=() nms=() paste=() mrcnn=() msda=() m2f=() overhead=()
 else
   roi=(--rois 512 --sizes 7 --dtypes float32,bfloat16 --repeats 3)
   ml=(--sizes 7 --dtypes float32,bfloat16 --repeats 2)
@@ -48,6 +49,7 @@ else
   paste=(--cases 800x1216 --dtypes float32,float16 --comparisons prob,bool,crops_bool --repeats 3)
   mrcnn=(--quick)
   msda=(--shapes m2f_512 ddetr --dtypes float32)
+  m2f=(--quick)
   overhead=(--calls 1000 --rounds 7)
 fi
 
@@ -57,6 +59,7 @@ step "nms and batched_nms vs torchvision" $PY benchmarks/bench_nms.py "${nms[@]}
 step "paste_masks vs torchvision's paste_masks_in_image" $PY benchmarks/bench_paste_masks.py "${paste[@]}"
 step "ms_deform_attn vs the grid_sample formulation" $PY benchmarks/bench_ms_deform_attn.py "${msda[@]}"
 step "Mask R-CNN R50-FPN vs torchvision, end to end" $PY benchmarks/bench_maskrcnn.py "${mrcnn[@]}"
+step "Mask2Former R50 vs transformers' Mask2Former, same weights" $PY benchmarks/bench_models_mask2former.py "${m2f[@]}"
 step "per-call overhead vs torchvision" $PY benchmarks/bench_overhead.py "${overhead[@]}" --out "$OUT/overhead_cpu.json"
 step "demo: the shipped Mask R-CNN on fresh shapes images" \
   $PY -m instseg_ops.models.demo --out "$OUT/demo.png" --json "$OUT/demo.json"

@@ -201,3 +201,28 @@ def test_bad_inputs_give_clear_errors(dataset, tmp_path):
         evaluate_coco({}, str(tmp_path / "missing.json"))
     with pytest.raises(TypeError, match="coco_gt must be"):
         evaluate_coco({}, 42)
+
+
+def test_mask_scores_rank_the_masks_and_the_detection_scores_are_scored_too(dataset, seed):
+    """Outputs with ``mask_scores`` (CenterMask's MaskIoU rescoring): segm AP ranks the masks by
+    them, "segm_unscored" by the detection scores, in one evaluation; each equals an evaluation
+    of outputs that carry only that score."""
+    gen = torch.Generator().manual_seed(seed)
+    preds = gt_outputs(dataset)
+    for o in preds.values():
+        # a corrupted mask per image (half the ground truth's mask wiped) next to the good ones
+        k = len(o["scores"])
+        o["masks"] = torch.cat([o["masks"], o["masks"] * (torch.rand(o["masks"].shape, generator=gen) < 0.5)])
+        o["boxes"], o["labels"] = o["boxes"].repeat(2, 1), o["labels"].repeat(2)
+        o["scores"] = torch.rand(2 * k, generator=gen)
+        o["mask_scores"] = torch.cat([torch.full((k,), 0.9), torch.full((k,), 0.1)])
+    both = evaluate_coco(preds, dataset)
+    assert set(both) == {"bbox", "segm", "segm_unscored"}
+    by_mask = evaluate_coco({i: {**o, "scores": o["mask_scores"]} for i, o in preds.items()}, dataset,
+                            iou_types=("segm",))
+    by_det = evaluate_coco({i: {k: v for k, v in o.items() if k != "mask_scores"} for i, o in preds.items()},
+                           dataset, iou_types=("segm",))
+    assert both["segm"] == by_mask["segm"] and both["segm_unscored"] == by_det["segm"]
+    assert both["segm"]["AP"] == pytest.approx(1.0) and both["segm_unscored"]["AP"] < 1.0
+    with pytest.raises(ValueError, match="mask_scores"):
+        evaluate_coco({i: {**o, "mask_scores": o["mask_scores"][:1]} for i, o in list(preds.items())[:1]}, dataset)

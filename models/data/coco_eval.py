@@ -6,7 +6,9 @@ into COCO results straight away (masks thresholded and RLE-encoded, one image at
 time) and keeps only those, so a loop need not hold any mask tensors.
 
 Outputs: boxes float [K, 4] (x1, y1, x2, y2) in original image coordinates, labels
-int [K] (contiguous ids 1..C), scores float [K], masks [K, 1, H, W] or [K, H, W]
+int [K] (contiguous ids 1..C), scores float [K], optional mask_scores float [K] (the
+segm results' scores when given, e.g. CenterMask's MaskIoU rescoring; ``summarize`` then also
+reports the masks ranked by ``scores`` as "segm_unscored"), masks [K, 1, H, W] or [K, H, W]
 (probabilities, thresholded at ``mask_threshold``, or already binary/bool) at the
 image's size. Labels map back to COCO category ids through ``contiguous_to_cat_id``
 (taken from a ``CocoInstanceDataset`` when one is passed as ground truth; by default
@@ -102,14 +104,22 @@ def outputs_to_coco_results(image_id, output, contiguous_to_cat_id, iou_types=IO
             raise ValueError(f"image {image_id}: masks are {tuple(masks.shape[-2:])} but the image is "
                              f"{tuple(image_size)} (paste masks at the original image size)")
         binary = masks if masks.dtype == torch.bool else masks > mask_threshold
+        segm_scores = scores
+        if "mask_scores" in output:  # e.g. CenterMask's score x predicted mask IoU
+            segm_scores = _numpy(output["mask_scores"], np.float64).reshape(-1)
+            if segm_scores.shape[0] != n:
+                raise ValueError(f"image {image_id}: {segm_scores.shape[0]} mask_scores but {n} scores")
         segm = []
         if n:
             arr = np.asfortranarray(binary.to(torch.uint8).cpu().numpy().transpose(1, 2, 0))
             rles = mask_utils.encode(arr)
             for k, rle in enumerate(rles):
                 rle["counts"] = rle["counts"].decode("ascii")
-                segm.append({"image_id": image_id, "category_id": cat_ids[k], "segmentation": rle,
-                             "score": float(scores[k])})
+                r = {"image_id": image_id, "category_id": cat_ids[k], "segmentation": rle,
+                     "score": float(segm_scores[k])}
+                if segm_scores is not scores:
+                    r["det_score"] = float(scores[k])
+                segm.append(r)
         out["segm"] = segm
     return out
 
@@ -146,6 +156,7 @@ class Evaluator:
     def reset(self):
         self.results = {t: [] for t in self.iou_types}
         self.img_ids = set()
+        self.mask_scored = False  # some output carried mask_scores: also report "segm_unscored"
 
     def update(self, outputs_by_image_id):
         for image_id, output in outputs_by_image_id.items():
@@ -159,20 +170,25 @@ class Evaluator:
             for t in self.iou_types:
                 self.results[t].extend(res[t])
             self.img_ids.add(image_id)
+            self.mask_scored = self.mask_scored or "mask_scores" in output
 
     def synchronize(self, all_gather) -> None:
         """Merges the results of every process into each: ``all_gather(obj)`` returns the list
         of every rank's ``obj`` (``torch.distributed.all_gather_object``, or ``lambda o: [o]``
         in a single process). Ranks' image sets must not overlap."""
-        parts = all_gather((self.results, sorted(self.img_ids)))
+        parts = all_gather((self.results, sorted(self.img_ids), self.mask_scored))
         self.reset()
-        for results, img_ids in parts:
+        for results, img_ids, mask_scored in parts:
             for iou_type, res in results.items():
                 self.results[iou_type].extend(res)
             self.img_ids.update(img_ids)
+            self.mask_scored = self.mask_scored or mask_scored
 
     def _results_coco(self, iou_type):
-        results = self.results[iou_type]
+        if iou_type == "segm_unscored":  # the masks ranked by the detection scores
+            results = [{**r, "score": r["det_score"]} for r in self.results["segm"]]
+        else:
+            results = self.results[iou_type]
         if results:
             with quiet():
                 return self.coco_gt.loadRes([dict(r) for r in results])  # loadRes edits the dicts
@@ -189,11 +205,16 @@ class Evaluator:
 
     def summarize(self, verbose=False):
         """Run COCOeval per iou type. Returns {iou_type: {metric: value}} (METRIC_NAMES;
-        -1 where COCO has no ground truth for a metric, e.g. APs without small objects)."""
+        -1 where COCO has no ground truth for a metric, e.g. APs without small objects).
+        When the outputs carried ``mask_scores`` (the segm results are ranked by them), the
+        same masks ranked by the detection ``scores`` are scored too, as "segm_unscored"."""
         metrics = {}
-        for t in self.iou_types:
+        types = list(self.iou_types)
+        if "segm" in types and self.mask_scored:
+            types.append("segm_unscored")
+        for t in types:
             dt = self._results_coco(t)
-            ev = COCOeval(self.coco_gt, dt, iouType=t)
+            ev = COCOeval(self.coco_gt, dt, iouType="segm" if t == "segm_unscored" else t)
             if self.img_ids:
                 ev.params.imgIds = sorted(self.img_ids)
             with quiet(verbose):

@@ -3,6 +3,7 @@ proposals, the RoI geometry and poolers, the second stage's box and mask stages,
 image transform."""
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, box_area, box_iou, clip_boxes
+from .fcos import FCOS, FCOSHead, fcos_inference, fcos_losses, fcos_targets
 from .matcher import BalancedSampler, Matcher
 from .poolers import RoIGeometry, mask_targets
 from .roi_heads import (
@@ -24,5 +25,5 @@ from .transform import DetectionTransform
 __all__ = ["AnchorGenerator", "BoxCoder", "box_area", "box_iou", "clip_boxes", "BalancedSampler", "Matcher",
            "RoIGeometry", "mask_targets", "BoxPredictor", "BoxStage", "MaskHead", "MaskPredictor", "RoIHeads",
            "SampledProposals", "TwoMLPHead", "detect", "label_and_sample", "mask_loss", "match_and_label",
-           "RegionProposalNetwork", "RPNHead",
-           "DetectionTransform"]
+           "RegionProposalNetwork", "RPNHead", "DetectionTransform", "FCOS", "FCOSHead", "fcos_inference",
+           "fcos_losses", "fcos_targets"]
