@@ -16,7 +16,7 @@ PY="$VENV/bin/python"
 
 # torch is pinned to the release this project is developed against; an
 # existing install of that release is reused.
-if ! "$PY" -c "import torch, torchvision, pytest, hypothesis, numpy, ninja, pycocotools, ruff, PIL, tqdm, matplotlib, scipy, transformers, onnx, onnxscript, onnxruntime" 2>/dev/null; then
+if ! "$PY" -c "import torch, torchvision, pytest, hypothesis, numpy, ninja, pycocotools, ruff, PIL, tqdm, matplotlib, scipy, segment_anything, transformers, onnx, onnxscript, onnxruntime" 2>/dev/null; then
   "$PY" -m pip install -q --upgrade pip
   echo "installing the pinned dependencies into $VENV (torch, torchvision, test and benchmark tools)"
   "$PY" -m pip install -r requirements.txt
