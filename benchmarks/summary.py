@@ -150,6 +150,19 @@ def cases_overhead(data):
             for api, v in data["us_per_call"].items() if v.get("instseg_ops")]
 
 
+# benchmark file stem -> the function turning its JSON into cases
+LOADERS = {
+    "roi_align": lambda data: cases_roi_like("roi_align", data),
+    "multilevel": lambda data: cases_roi_like("multilevel", data),
+    "nms": cases_nms,
+    "paste_masks": cases_paste,
+    "ms_deform_attn": cases_msda,
+    "maskrcnn": cases_maskrcnn,
+    "mask2former": cases_mask2former,
+    "overhead": cases_overhead,
+}
+
+
 def load_cases(out_dir, since):
     """(cases, {stem: file}, [stems not run since ``since``])."""
     cases, used, missing = [], {}, []
@@ -162,20 +175,7 @@ def load_cases(out_dir, since):
             with open(f) as fh:
                 data = json.load(fh)
             used.setdefault(stem, []).append(f)
-            if stem in ("roi_align", "multilevel"):
-                cases += cases_roi_like(stem, data)
-            elif stem == "nms":
-                cases += cases_nms(data)
-            elif stem == "paste_masks":
-                cases += cases_paste(data)
-            elif stem == "ms_deform_attn":
-                cases += cases_msda(data)
-            elif stem == "maskrcnn":
-                cases += cases_maskrcnn(data)
-            elif stem == "mask2former":
-                cases += cases_mask2former(data)
-            else:
-                cases += cases_overhead(data)
+            cases += LOADERS[stem](data)
     return cases, used, missing
 
 
@@ -238,18 +238,14 @@ def _maskrcnn_rows(group, device):
         c = by.get(stage)
         if c is None:
             continue
-        ours, tv = c["samples"]
-        lo = hi = c["speedup"]
-        spread = "repeats" if ours and tv else "a single median"
-        if ours and tv:  # spread over repeats: the slowest of ours against the fastest peer and back
-            lo, hi = min(tv) / max(ours), max(tv) / min(ours)
+        lo, hi, n = _spread(c)
         a = c["agreement"]
         check = (f"{a.get('ours', '?')} vs {a.get('torchvision', '?')} detections, "
                  f"{100 * a.get('match_fraction', 0):.0f}% same box, max |score diff| "
                  f"{_fmt_diff(a.get('max_score_diff'))}")
-        rows.append({"op": name, "device": device, "peer": PEERS["maskrcnn"][1], "cases": len(ours or [1]),
+        rows.append({"op": name, "device": device, "peer": PEERS["maskrcnn"][1], "cases": n,
                      "median": c["speedup"], "min": lo, "max": hi, "check": check, "all_ok": c["ok"],
-                     "spread_over": spread})
+                     "spread_over": "repeats" if n > 1 else "a single median"})
     return rows
 
 
