@@ -34,6 +34,16 @@ def parse_scale_schedule(text: str) -> Tuple[Tuple[float, float], ...]:
     return out
 
 
+def parse_minutes(text: str) -> Tuple[float, ...]:
+    try:
+        out = tuple(float(m) for m in text.split(",") if m.strip())
+    except ValueError:
+        out = ()
+    if not out or any(m <= 0 for m in out):
+        raise argparse.ArgumentTypeError(f"bad minutes {text!r} (want positive numbers, e.g. 30 or 15,30)")
+    return out
+
+
 def parse_lr_multiplier(text: str) -> Tuple[str, float]:
     try:
         prefix, factor = text.split("=")
@@ -67,6 +77,9 @@ def parse_args(argv=None):
                         "image size until FRACTION of the run (of the time budget, else of --iters) has passed, "
                         "e.g. 0.6:0.75; 'none' trains at full size throughout")
     p.add_argument("--eval-every", type=int, help="evaluate every K iterations (0: only at the end)")
+    p.add_argument("--eval-at-minutes", type=parse_minutes, metavar="M[,M...]",
+                   help="also evaluate on all val images once M minutes of wall time have passed, e.g. 30 in a "
+                        "60-minute run (the evaluation's time counts)")
     p.add_argument("--eval-images", type=int, help="periodic evaluations use the first N val images (0: all)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations (0: only the final one)")
     p.add_argument("--keep-checkpoints", type=int, default=3,
@@ -93,7 +106,7 @@ def preset_from_args(args) -> Preset:
     overrides = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                      optimizer=args.optimizer, weight_decay=args.weight_decay,
                      warmup_iters=args.warmup, time_budget=args.time_budget, eval_period=args.eval_every,
-                     eval_images=args.eval_images,
+                     eval_images=args.eval_images, eval_at_minutes=args.eval_at_minutes,
                      checkpoint_period=args.checkpoint_every, log_period=args.log_every, amp=args.amp,
                      workers=args.workers, cache_data=args.cache_data, scale_schedule=args.scale_schedule)
     if args.lr_mult:

@@ -222,6 +222,62 @@ def test_time_budget_stops_and_decays(two_image_dir, tmp_path):
                 str(tmp_path / "bad"), device="cpu", log=quiet)
 
 
+def test_eval_at_minutes_evaluates_once_per_mark(shapes_dir, tmp_path):
+    # The hook alone, on a clock it is given: one evaluation per mark, after the first step that
+    # ends past it; marks passed together give one evaluation; marks passed before a resume none.
+    class Clock:
+        def __init__(self):
+            self.used, self.iteration, self.evals, self.records = 0.0, 0, [], []
+            self.info = type("Info", (), {"is_main": True})()
+            self.metrics = type("M", (), {"write": lambda _, rec: self.records.append(rec)})()
+
+        def budget_used_here(self):
+            return self.used
+
+        def log(self, msg):
+            pass
+
+        def run_eval(self, max_images):
+            self.evals.append((self.iteration, max_images))
+            return {"segm": {"AP": 0.0}}
+
+    c = Clock()
+    h = hooks.EvalAtMinutes((2.0, 1.0, 3.0, 3.5))
+    c.budget_used_before, c.used = 0.0, 30.0
+    h.before_train(c)
+    for it, used in [(1, 59.0), (2, 61.0), (3, 90.0), (4, 215.0), (5, 400.0)]:
+        c.iteration, c.used = it, used
+        h.after_step(c)
+    assert c.evals == [(2, 0), (4, 0)]
+    assert [(r["iter"], r["eval_at_minutes"]) for r in c.records] == [(2, 1.0), (4, 3.5)]  # 2, 3, 3.5 in one step
+    c2 = Clock()
+    c2.budget_used_before = c2.used = 150.0  # resumed after 2.5 minutes: marks 1 and 2 passed in the earlier run
+    h2 = hooks.EvalAtMinutes((1.0, 2.0, 3.0))
+    h2.before_train(c2)
+    c2.iteration, c2.used = 7, 185.0
+    h2.after_step(c2)
+    assert c2.evals == [(7, 0)] and c2.records[0]["eval_at_minutes"] == 3.0
+    with pytest.raises(ValueError, match="positive"):
+        hooks.EvalAtMinutes((0.0,))
+
+    # In a real run: a mark passed by the first step evaluates all val images once, recorded
+    # with its iteration, besides the final evaluation; a mark never reached does nothing.
+    p = presets.get_preset("tiny_cpu", iters=2, batch_size=2, warmup_iters=0, eval_at_minutes=(1e-5, 1e4),
+                           log_period=100000, eval_period=0)
+    trainer.train(p, shapes_dir, str(tmp_path / "run"), device="cpu", seed=0, log=quiet)
+    recs = read_metrics(str(tmp_path / "run"))
+    marks = [r for r in recs if "eval_at_minutes" in r]
+    evals = [r for r in recs if "eval" in r]
+    assert [(r["iter"], r["eval_at_minutes"]) for r in marks] == [(1, 1e-5)]
+    assert [(r["iter"], r["eval_images"]) for r in evals] == [(1, 2), (2, 2)]
+    base = ["--preset", "tiny_cpu", "--data", "d", "--out", "o"]
+    assert cli.preset_from_args(cli.parse_args(base + ["--eval-at-minutes", "30,15"])).eval_at_minutes == (30.0, 15.0)
+    assert presets.Preset.from_dict(json.loads(json.dumps(p.to_dict()))).eval_at_minutes == (1e-5, 1e4)
+    for bad in ("0", "-1", "a", ""):
+        with pytest.raises(SystemExit):
+            cli.parse_args(base + ["--eval-at-minutes", bad])
+
+
 def test_scale_schedule_helpers_cli_and_preset_round_trip(two_image_dir, tmp_path):
     sch = ((0.5, 0.5), (0.8, 0.75))
     assert [hooks.scale_at(sch, f) for f in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]

@@ -1,6 +1,6 @@
 """Hooks of the training loop (as detectron2's ``HookBase``): each concern of a run that is not
 the optimisation step itself (the wall-time budget, progressive resizing, logging, periodic
-evaluation and checkpoints) is a hook with ``before_train``, ``before_step``, ``after_step``
+and timed evaluation, checkpoints) is a hook with ``before_train``, ``before_step``, ``after_step``
 and ``after_train``, called in list order. ``Trainer.progress`` is the fraction of the run
 that has passed (of ``iters``, or of the time budget when ``TimeBudget`` is used)."""
 import sys
@@ -179,6 +179,33 @@ class PeriodicEval(HookBase):
             trainer.last_eval = trainer.run_eval(self.max_images)
 
 
+class EvalAtMinutes(HookBase):
+    """Evaluates on all val images after the first step that ends past each of ``minutes`` of
+    the run's wall time (earlier runs of a resumed one included): the AP "after 30 minutes" of
+    a longer run. The evaluation's own time counts against a time budget."""
+
+    def __init__(self, minutes: Sequence[float]):
+        self.marks = sorted(float(m) for m in minutes)
+        if any(m <= 0 for m in self.marks):
+            raise ValueError(f"eval_at_minutes must be positive, got {tuple(minutes)!r}")
+        self.done = 0
+
+    def before_train(self, trainer) -> None:
+        before = trainer.budget_used_before  # of earlier runs of a resumed one
+        self.done = sum(1 for m in self.marks if 60.0 * m <= before)
+
+    def after_step(self, trainer) -> None:
+        used = trainer.budget_used_here()
+        if self.done < len(self.marks) and used >= 60.0 * self.marks[self.done]:
+            while self.done < len(self.marks) and used >= 60.0 * self.marks[self.done]:
+                self.done += 1
+            mark = self.marks[self.done - 1]  # marks passed within one step: one evaluation, the latest mark
+            if trainer.info.is_main:
+                trainer.metrics.write({"iter": trainer.iteration, "eval_at_minutes": mark, "budget_elapsed": used})
+                trainer.log(f"{mark:g} minutes passed at iteration {trainer.iteration} ({used / 60:.2f} min used)")
+            trainer.last_eval = trainer.run_eval(0)
+
+
 class PeriodicCheckpoint(HookBase):
     """Checkpoints every ``period`` iterations (before the last), keeping the newest ``keep``."""
 
@@ -193,7 +220,7 @@ class PeriodicCheckpoint(HookBase):
 
 def default_hooks(preset, keep_checkpoints: int) -> List[HookBase]:
     """The preset's hooks, in order: time budget, progressive resizing, metrics, periodic
-    evaluation, periodic checkpoints."""
+    evaluation, evaluation at given minutes, periodic checkpoints."""
     hooks: List[HookBase] = []
     budget = None
     if preset.time_budget and preset.time_budget > 0:
@@ -203,8 +230,10 @@ def default_hooks(preset, keep_checkpoints: int) -> List[HookBase]:
         hooks.append(budget)
     if preset.scale_schedule:
         hooks.append(ProgressiveResize(preset.scale_schedule))
-    hooks += [MetricsWriter(preset.log_period, budget), PeriodicEval(preset.eval_period, preset.eval_images),
-              PeriodicCheckpoint(preset.checkpoint_period, keep_checkpoints)]
+    hooks += [MetricsWriter(preset.log_period, budget), PeriodicEval(preset.eval_period, preset.eval_images)]
+    if preset.eval_at_minutes:
+        hooks.append(EvalAtMinutes(preset.eval_at_minutes))
+    hooks.append(PeriodicCheckpoint(preset.checkpoint_period, keep_checkpoints))
     return hooks
 
 

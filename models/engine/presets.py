@@ -43,6 +43,9 @@ class Preset:
     scale_schedule: Tuple[Tuple[float, float], ...] = ()
     eval_period: int = 0  # 0: evaluate only at the end
     eval_images: int = 0  # periodic evaluations use the first N val images (0: all); the final one uses all
+    # Evaluations on all val images once these many minutes of the run's wall time have passed
+    # (e.g. (30.0,) in a 60-minute run: the AP after 30 minutes; the time they take counts).
+    eval_at_minutes: Tuple[float, ...] = ()
     checkpoint_period: int = 0  # 0: only the final checkpoint
     log_period: int = 20
     hflip_prob: float = 0.5  # training augmentation
@@ -55,6 +58,7 @@ class Preset:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         d["budget_milestones"] = list(self.budget_milestones)
+        d["eval_at_minutes"] = list(self.eval_at_minutes)
         d["scale_schedule"] = [list(x) for x in self.scale_schedule]
         return d
 
@@ -66,6 +70,8 @@ class Preset:
         # arguments of maskrcnn_resnet_fpn (the default arch).
         if "budget_milestones" in d:
             d["budget_milestones"] = tuple(d["budget_milestones"])
+        if "eval_at_minutes" in d:
+            d["eval_at_minutes"] = tuple(float(m) for m in d["eval_at_minutes"])
         if "scale_schedule" in d:
             d["scale_schedule"] = _float_pairs(d["scale_schedule"])
         names = {f.name for f in dataclasses.fields(cls)}
