@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> masks_to_rle_cuda(const at::Tensor& masks) {
   const at::Tensor rank = at::cumsum(starts, 1, at::kInt).contiguous();
   // mask n has K_n + 1 runs; offsets[n + 1] = sum of the runs of masks 0..n
   at::Tensor offsets = at::zeros({n + 1}, long_opts);
-  offsets.narrow(0, 1, n).copy_(at::cumsum(rank.select(1, hw - 1).to(at::kLong) + 1, 0));
+  offsets.narrow(0, 1, n).copy_(at::cumsum(rank.select(1, hw - 1).to(at::kLong).add(1), 0));
   const int64_t c = offsets[n].item<int64_t>();
   at::Tensor ends = at::empty({c}, long_opts);
   at::Tensor counts = at::empty({c}, long_opts);
