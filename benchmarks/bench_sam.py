@@ -326,6 +326,7 @@ def main():
         print(f"{r['op']:44} ours {r['ours_ms']:7.1f} ms   {r['reference'] or 'no reference installed'}: {ref}")
     meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "points_per_side": args.points_per_side, "config": args.config, "repeats": args.repeats,
+            "ops_only": args.ops_only,
             "image": f"{image_hw()[0]}x{image_hw()[1]} shapes, seed 0"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "amg": rows, "ops": ops}, f, indent=1)
