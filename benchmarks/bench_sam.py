@@ -13,15 +13,20 @@ own subprocess: one warm-up ``generate``, then the median of --repeats timed cal
 memory = the process's peak RSS (ru_maxrss) minus its RSS before the first ``generate``. The
 two outputs are compared (count, and every mask's crop box, point, area and segmentation).
 
-Ops alone: ``masks_to_rle`` on 64 random 512x512 masks vs segment-anything's
-``mask_to_rle_pytorch`` (a Python loop over masks); ``connected_components`` on the same
-masks vs ``scipy.ndimage.label`` or OpenCV's ``connectedComponentsWithStats`` when installed
-(else only ours is timed).
+Ops alone (CPU, 64 random 512x512 masks, ours and the reference timed alternately, outputs
+checked equal first): ``masks_to_rle`` vs segment-anything's ``mask_to_rle_pytorch`` (a
+Python loop over masks); ``masks_to_boxes`` vs ``batched_mask_to_box`` and torchvision's
+``masks_to_boxes``; ``stability_score_and_boxes`` (one pass over the logits) vs
+``calculate_stability_score`` plus ``batched_mask_to_box(logits > 0)``;
+``connected_components`` vs ``scipy.ndimage.label`` or OpenCV's
+``connectedComponentsWithStats`` when installed (else only ours is timed). ``--ops-only``
+runs only these.
 
 ``--config 1024``: the official 1024-px input and 256-wide decoder with a 2-block 96-wide
 encoder (vit_b/l/h's decoder, upsampling and post-processing costs without their encoder).
 
 Run: PYTHONPATH=. python benchmarks/bench_sam.py [--config tiny|1024] [--repeats 3] [--settings defaults,loose]
+     [--ops-only | --no-ops]
 """
 import argparse
 import json
@@ -181,54 +186,95 @@ def time_fn(fn, repeats):
     return 1000 * statistics.median(ts)
 
 
+def time_pair(ours, ref, repeats):
+    """Medians (ms) of ours and of the reference, timed alternately (one call of each per
+    repeat, after one warm-up of each), so that a load change hits both alike."""
+    ours()
+    ref()
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ref()
+        t_ref.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ours()
+        t_ours.append(time.perf_counter() - t)
+    return 1000 * statistics.median(t_ours), 1000 * statistics.median(t_ref)
+
+
+def _op_row(op, ours_fn, ref_name, ref_fn, repeats):
+    if ref_fn is None:
+        return {"op": op, "ours_ms": time_fn(ours_fn, repeats), "reference": None, "reference_ms": None}
+    ours, ref = time_pair(ours_fn, ref_fn, repeats)
+    return {"op": op, "ours_ms": ours, "reference": ref_name, "reference_ms": ref, "speedup": ref / ours}
+
+
 def bench_ops(repeats):
+    """The mask ops alone on 64 random 512x512 masks (blobs, about 40% set), CPU, each against
+    its reference with the outputs checked equal first."""
     import instseg_ops
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(64, 1, 32, 32, generator=g)
-    masks = torch.nn.functional.interpolate(noise, (512, 512), mode="bilinear", align_corners=False)[:, 0] > 0.6
-    rows = []
+    smooth = torch.nn.functional.interpolate(noise, (512, 512), mode="bilinear", align_corners=False)[:, 0]
+    masks = smooth > 0.6
+    logits = (smooth - 0.6) * 20   # mask logits of a few units
     try:
-        from segment_anything.utils.amg import mask_to_rle_pytorch
-        ref = time_fn(lambda: mask_to_rle_pytorch(masks), repeats)
-        assert mask_to_rle_pytorch(masks) == instseg_ops.masks_to_rle(masks)
+        from segment_anything.utils import amg as sam_amg
     except ImportError:
-        ref = None
-    ours = time_fn(lambda: instseg_ops.masks_to_rle(masks), repeats)
-    rows.append({"op": "masks_to_rle 64x512x512", "ours_ms": ours, "reference": "mask_to_rle_pytorch",
-                 "reference_ms": ref})
-    ref_name, ref_ms = None, None
+        sam_amg = None
+    rows = []
+    ref = None
+    if sam_amg is not None:
+        assert sam_amg.mask_to_rle_pytorch(masks) == instseg_ops.masks_to_rle(masks)
+        ref = lambda: sam_amg.mask_to_rle_pytorch(masks)  # noqa: E731
+    rows.append(_op_row("masks_to_rle 64x512x512", lambda: instseg_ops.masks_to_rle(masks),
+                        "segment_anything mask_to_rle_pytorch", ref, repeats))
+    ref = None
+    if sam_amg is not None:
+        assert torch.equal(sam_amg.batched_mask_to_box(masks), instseg_ops.masks_to_boxes(masks))
+        ref = lambda: sam_amg.batched_mask_to_box(masks)  # noqa: E731
+    rows.append(_op_row("masks_to_boxes 64x512x512", lambda: instseg_ops.masks_to_boxes(masks),
+                        "segment_anything batched_mask_to_box", ref, repeats))
+    try:
+        import torchvision
+        assert torch.equal(torchvision.ops.masks_to_boxes(masks), instseg_ops.masks_to_boxes_torchvision(masks))
+        rows.append(_op_row("masks_to_boxes 64x512x512 (float32 boxes)",
+                            lambda: instseg_ops.masks_to_boxes_torchvision(masks),
+                            "torchvision.ops.masks_to_boxes", lambda: torchvision.ops.masks_to_boxes(masks), repeats))
+    except ImportError:
+        pass
+    ref = None
+    if sam_amg is not None:
+        def ref():
+            return sam_amg.calculate_stability_score(logits, 0.0, 1.0), sam_amg.batched_mask_to_box(logits > 0.0)
+        got, want = instseg_ops.stability_score_and_boxes(logits, 0.0, 1.0), ref()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    rows.append(_op_row("stability_score_and_boxes 64x512x512 f32",
+                        lambda: instseg_ops.stability_score_and_boxes(logits, 0.0, 1.0),
+                        "calculate_stability_score + batched_mask_to_box(logits > 0)", ref, repeats))
+    ref_name, ref = None, None
+    np_masks = masks.numpy()
     try:
         import scipy.ndimage as ndi
-        ref_name = "scipy.ndimage.label"
-        ref_ms = time_fn(lambda: [ndi.label(m, structure=np.ones((3, 3))) for m in masks.numpy()], repeats)
+        ref_name = "scipy.ndimage.label (labels only)"
+        structure = np.ones((3, 3))
+        ref = lambda: [ndi.label(m, structure=structure) for m in np_masks]  # noqa: E731
+        labels = instseg_ops.connected_components(masks, 8)[0].numpy()
+        assert all(np.array_equal(ndi.label(m, structure=structure)[0], lab) for m, lab in zip(np_masks, labels))
     except ImportError:
         try:
             import cv2
             ref_name = "cv2.connectedComponentsWithStats"
-            ref_ms = time_fn(lambda: [cv2.connectedComponentsWithStats(m.astype(np.uint8), 8)
-                                      for m in masks.numpy()], repeats)
+            ref = lambda: [cv2.connectedComponentsWithStats(m.astype(np.uint8), 8) for m in np_masks]  # noqa: E731
         except ImportError:
             pass
-    ours = time_fn(lambda: instseg_ops.connected_components(masks, 8), repeats)
-    rows.append({"op": "connected_components 64x512x512", "ours_ms": ours, "reference": ref_name,
-                 "reference_ms": ref_ms})
+    rows.append(_op_row("connected_components 64x512x512", lambda: instseg_ops.connected_components(masks, 8),
+                        ref_name, ref, repeats))
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--points-per-side", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    ap.add_argument("--settings", default="defaults,loose")
-    ap.add_argument("--no-ops", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    CONFIG.update(CONFIGS[args.config])
-    args.out = args.out or f"benchmarks/out/sam_cpu_{args.config}.json"
-    torch.set_num_threads(args.threads)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+def bench_amg(args):
+    """The AMG end to end, official vs ours, each side in its own subprocess."""
     sd = random_state_dict(0)
     sd_path = args.out + ".weights.pt"
     torch.save(sd, sd_path)
@@ -252,13 +298,35 @@ def main():
         rows.append(row)
         print(f"{name:10} {off['ms']:12.1f} {ours['ms']:10.1f} {row['speedup']:8.2f} {off['peak_mb']:8.1f} "
               f"{ours['peak_mb']:8.1f} {ours['masks']:6d} {same}")
+    os.remove(sd_path)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    ap.add_argument("--settings", default="defaults,loose")
+    ap.add_argument("--no-ops", action="store_true")
+    ap.add_argument("--ops-only", action="store_true", help="only the mask ops against their references")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    CONFIG.update(CONFIGS[args.config])
+    args.out = args.out or f"benchmarks/out/sam_cpu_{'ops' if args.ops_only else args.config}.json"
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    rows = []
+    if not args.ops_only:
+        rows = bench_amg(args)
     ops = [] if args.no_ops else bench_ops(args.repeats)
     for r in ops:
-        ref = "n/a" if r["reference_ms"] is None else f"{r['reference_ms']:.1f} ms"
-        print(f"{r['op']:34} ours {r['ours_ms']:.1f} ms   {r['reference'] or 'no reference installed'}: {ref}")
-    os.remove(sd_path)
+        ref = "n/a" if r["reference_ms"] is None else f"{r['reference_ms']:.1f} ms ({r['speedup']:.2f}x)"
+        print(f"{r['op']:44} ours {r['ours_ms']:7.1f} ms   {r['reference'] or 'no reference installed'}: {ref}")
     meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "points_per_side": args.points_per_side, "config": args.config, "repeats": args.repeats,
+            "ops_only": args.ops_only,
             "image": f"{image_hw()[0]}x{image_hw()[1]} shapes, seed 0"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "amg": rows, "ops": ops}, f, indent=1)

@@ -7,7 +7,8 @@ wrappers, fake kernels (torch.compile / torch.export) and autograd formulas.
 import torch  # noqa: F401  (must be imported before the extension)
 
 from . import _C  # noqa: F401  registers torch.ops.instseg.*
-from .masks import connected_components, masks_to_boxes, masks_to_rle, stability_score
+from .masks import (connected_components, masks_to_boxes, masks_to_boxes_torchvision, masks_to_rle, stability_score,
+                    stability_score_and_boxes)
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 from .multilevel import MultiScaleRoIAlign, assign_levels, multilevel_roi_align
 from .nms import batched_nms, nms, soft_nms
@@ -26,7 +27,8 @@ __all__ = [
     "roi_align", "RoIAlign", "multilevel_roi_align", "assign_levels", "MultiScaleRoIAlign", "nms", "batched_nms",
     "soft_nms", "paste_masks",
     "paste_masks_crops", "crops_to_canvas", "ms_deform_attn", "MSDeformAttn",
-    "masks_to_boxes", "masks_to_rle", "stability_score", "connected_components",
+    "masks_to_boxes", "masks_to_boxes_torchvision", "masks_to_rle", "stability_score", "stability_score_and_boxes",
+    "connected_components",
     "cuda_built",
     "__version__",
 ]

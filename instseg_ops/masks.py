@@ -1,8 +1,9 @@
-"""Binary-mask ops: ``masks_to_boxes``, ``masks_to_rle``, ``stability_score`` and
-``connected_components`` (used by the SAM automatic mask generator)."""
+"""Binary-mask ops: ``masks_to_boxes``, ``masks_to_rle``, ``stability_score``,
+``stability_score_and_boxes`` and ``connected_components`` (used by the SAM automatic mask
+generator), each a registered op (``torch.ops.instseg.*``) with CPU and CUDA kernels."""
+import math
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,64 +22,83 @@ def _check_masks(masks: Tensor, name: str) -> Tensor:
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:
-    """(..., H, W) binary masks -> (..., 4) int64 XYXY boxes with inclusive maxima (the
-    tightest box's last row and column, as torchvision's ``masks_to_boxes`` and SAM's
-    ``batched_mask_to_box``); ``[0, 0, 0, 0]`` for an empty mask."""
+    """(..., H, W) binary masks (bool, integer or floating point, nonzero = foreground) ->
+    (..., 4) int64 XYXY boxes with inclusive maxima (the tightest box's first and last column
+    and row), ``[0, 0, 0, 0]`` for an empty mask: segment_anything's ``batched_mask_to_box``
+    (``instseg::masks_to_boxes``: CPU and CUDA kernels, one pass over each mask). For
+    torchvision's ``masks_to_boxes`` (float32 boxes, same values) see
+    :func:`masks_to_boxes_torchvision`."""
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"masks_to_boxes: masks must be a tensor, got {type(masks).__name__}")
     if masks.dim() < 2:
         raise ValueError(f"masks_to_boxes: masks must be (..., H, W), got shape {tuple(masks.shape)}")
     lead = masks.shape[:-2]
     h, w = masks.shape[-2:]
-    m = masks.reshape(-1, h, w)
-    m = m if m.dtype == torch.bool else m != 0
-    if m.numel() == 0:
-        return torch.zeros(*lead, 4, dtype=torch.long, device=masks.device)
-    rows = m.any(dim=2)
-    cols = m.any(dim=1)
-    ar_h = torch.arange(h, device=m.device)
-    ar_w = torch.arange(w, device=m.device)
-    y1 = torch.where(rows, ar_h, h).amin(1)
-    y2 = torch.where(rows, ar_h, -1).amax(1)
-    x1 = torch.where(cols, ar_w, w).amin(1)
-    x2 = torch.where(cols, ar_w, -1).amax(1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1)
-    empty = ~rows.any(1)
-    boxes = boxes.masked_fill(empty[:, None], 0)
-    return boxes.reshape(*lead, 4)
+    m = masks.reshape(math.prod(lead), h, w)
+    if m.is_floating_point() or m.is_complex():
+        m = m != 0
+    return torch.ops.instseg.masks_to_boxes(m).reshape(*lead, 4)
+
+
+def masks_to_boxes_torchvision(masks: Tensor) -> Tensor:
+    """``torchvision.ops.masks_to_boxes``'s convention: (N, H, W) masks -> float32 (N, 4) XYXY
+    boxes with inclusive maxima, zeros for an empty mask, and a (0, 4) result whenever the
+    masks have no element (also for N > 0 masks of zero area, as torchvision). The same
+    kernel as :func:`masks_to_boxes`."""
+    if not isinstance(masks, Tensor) or masks.dim() != 3:
+        raise ValueError("masks_to_boxes_torchvision: masks must be a (N, H, W) tensor, got "
+                         f"{tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__}")
+    if masks.numel() == 0:
+        return torch.zeros((0, 4), device=masks.device, dtype=torch.float)
+    return masks_to_boxes(masks).float()
+
+
+def rle_from_counts(counts: Tensor, offsets: Tensor, h: int, w: int) -> List[Dict[str, Any]]:
+    """The dicts ``{"size": [h, w], "counts": [...]}`` of ``instseg::masks_to_rle``'s flat
+    ``counts`` and per-mask ``offsets`` (one device-to-host copy of each)."""
+    c = counts.tolist()
+    o = offsets.tolist()
+    return [{"size": [h, w], "counts": c[o[i]:o[i + 1]]} for i in range(len(o) - 1)]
 
 
 def masks_to_rle(masks: Tensor) -> List[Dict[str, Any]]:
     """(N, H, W) binary masks -> uncompressed COCO RLEs ``{"size": [H, W], "counts": [...]}``:
     run lengths in column-major (Fortran) order, starting with the run of zeros (0 when the
-    first pixel is set); ``pycocotools.mask.frPyObjects`` reads them."""
+    first pixel is set); ``pycocotools.mask.frPyObjects`` reads them. The runs are measured
+    on the masks' device (``instseg::masks_to_rle``: CPU and CUDA kernels, returning a flat
+    counts tensor and per-mask offsets); only the final lists are built in Python."""
     masks = _check_masks(masks, "masks_to_rle")
     n, h, w = masks.shape
-    if n == 0:
-        return []
-    flat = masks.transpose(1, 2).reshape(n, h * w)
-    if h * w == 0:
-        return [{"size": [h, w], "counts": []} for _ in range(n)]
-    change = flat[:, 1:] != flat[:, :-1]
-    rows, cols = change.nonzero(as_tuple=True)
-    per = torch.bincount(rows, minlength=n).cpu().numpy()
-    pos = (cols + 1).cpu().numpy()
-    first = flat[:, 0].cpu().numpy()
-    out = []
-    start = 0
-    for i in range(n):
-        p = pos[start:start + per[i]]
-        start += per[i]
-        runs = np.diff(np.concatenate([[0], p, [h * w]]))
-        counts = ([0] if first[i] else []) + runs.tolist()
-        out.append({"size": [h, w], "counts": counts})
-    return out
+    counts, offsets = torch.ops.instseg.masks_to_rle(masks)
+    return rle_from_counts(counts, offsets, h, w)
+
+
+def stability_score_and_boxes(logits: Tensor, mask_threshold: float = 0.0,
+                              threshold_offset: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """One pass over (..., H, W) mask logits: SAM's stability score (as :func:`stability_score`)
+    and the boxes of the masks ``logits > mask_threshold`` (as :func:`masks_to_boxes`), without
+    materialising the masks (``instseg::stability_score_and_boxes``: CPU and CUDA kernels).
+    Returns float32 (...) scores and int64 (..., 4) boxes."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"stability_score_and_boxes: logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(f"stability_score_and_boxes: logits must be (..., H, W), got shape {tuple(logits.shape)}")
+    lead = logits.shape[:-2]
+    h, w = logits.shape[-2:]
+    scores, boxes = torch.ops.instseg.stability_score_and_boxes(
+        logits.reshape(math.prod(lead), h, w), float(mask_threshold), float(threshold_offset))
+    return scores.reshape(lead), boxes.reshape(*lead, 4)
 
 
 def stability_score(logits: Tensor, threshold: float = 0.0, offset: float = 1.0) -> Tensor:
     """SAM's stability score of (..., H, W) mask logits: the number of pixels above
     ``threshold + offset`` over the number above ``threshold - offset`` (float32; NaN for a
-    mask with no pixel above the lower threshold, as the official)."""
+    mask with no pixel above the lower threshold, as the official). Floating-point logits go
+    through ``instseg::stability_score_and_boxes`` (one pass); other dtypes through torch."""
     if logits.dim() < 2:
         raise ValueError(f"stability_score: logits must be (..., H, W), got shape {tuple(logits.shape)}")
+    if logits.is_floating_point():
+        return stability_score_and_boxes(logits, threshold, offset)[0]
     inter = (logits > (threshold + offset)).sum((-1, -2), dtype=torch.int32)
     union = (logits > (threshold - offset)).sum((-1, -2), dtype=torch.int32)
     return inter / union
@@ -105,3 +125,23 @@ def _connected_components_fake(masks, connectivity=8):
     k = torch.library.get_ctx().new_dynamic_size()
     return (masks.new_empty(masks.shape, dtype=torch.int32),
             masks.new_empty((masks.shape[0], k), dtype=torch.int64))
+
+
+@torch.library.register_fake("instseg::masks_to_boxes")
+def _masks_to_boxes_fake(masks):
+    torch._check(masks.dim() == 3, lambda: "masks_to_boxes: masks must be a Tensor[N, H, W]")
+    return masks.new_empty((masks.shape[0], 4), dtype=torch.int64)
+
+
+@torch.library.register_fake("instseg::masks_to_rle")
+def _masks_to_rle_fake(masks):
+    torch._check(masks.dim() == 3, lambda: "masks_to_rle: masks must be a Tensor[N, H, W]")
+    c = torch.library.get_ctx().new_dynamic_size()
+    return masks.new_empty((c,), dtype=torch.int64), masks.new_empty((masks.shape[0] + 1,), dtype=torch.int64)
+
+
+@torch.library.register_fake("instseg::stability_score_and_boxes")
+def _stability_score_and_boxes_fake(logits, mask_threshold, offset):
+    torch._check(logits.dim() == 3, lambda: "stability_score_and_boxes: logits must be a Tensor[N, H, W]")
+    n = logits.shape[0]
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n, 4), dtype=torch.int64)

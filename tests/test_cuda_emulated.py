@@ -292,3 +292,38 @@ def test_connected_components(emu, schedule, connectivity):
         assert torch.equal(labels, want_labels) and torch.equal(areas, want_areas)
     labels, areas = emu.connected_components(torch.zeros((2, 0, 5), dtype=torch.bool), connectivity)
     assert labels.shape == (2, 0, 5) and areas.shape == (2, 0)
+
+
+# --------------------------------------------------------------------------- masks_to_boxes, masks_to_rle, stability
+def test_mask_ops(emu, schedule):
+    from test_masks_ops import random_masks
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for shape in [(5, 13, 17), (2, 1, 21), (2, 21, 1), (1, 30, 30)]:
+        masks = random_masks(gen, *shape)
+        masks[-1, 0, 0] = 1   # a set first pixel: an empty leading run
+        for m in (masks.bool(), masks * 7):
+            assert torch.equal(emu.masks_to_boxes(m), cpu.masks_to_boxes(m))
+            counts, offsets = emu.masks_to_rle(m)
+            want_counts, want_offsets = cpu.masks_to_rle(m)
+            assert torch.equal(counts, want_counts) and torch.equal(offsets, want_offsets)
+    for shape in [(0, 4, 4), (3, 0, 5), (3, 5, 0)]:
+        m = torch.zeros(shape, dtype=torch.bool)
+        assert torch.equal(emu.masks_to_boxes(m), torch.zeros(shape[0], 4, dtype=torch.long))
+        counts, offsets = emu.masks_to_rle(m)
+        assert counts.shape == (0,) and offsets.tolist() == [0] * (shape[0] + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stability_score_and_boxes(emu, schedule, dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    logits = (torch.randn(4, 19, 23, generator=gen) * 3).to(dtype)
+    logits[0] = -5
+    logits[1] = torch.randint(-3, 4, (19, 23), generator=gen).to(dtype)   # values on the thresholds
+    for thr, off in [(0.0, 1.0), (0.3, 0.7)]:
+        scores, boxes = emu.stability_score_and_boxes(logits, thr, off)
+        want_scores, want_boxes = cpu.stability_score_and_boxes(logits, thr, off)
+        torch.testing.assert_close(scores, want_scores, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(boxes, want_boxes)
+    scores, boxes = emu.stability_score_and_boxes(torch.zeros(2, 0, 3, dtype=dtype), 0.0, 1.0)
+    assert torch.isnan(scores).all() and not boxes.any()
+    assert emu.stability_score_and_boxes(torch.zeros(0, 3, 3, dtype=dtype), 0.0, 1.0)[0].shape == (0,)

@@ -169,34 +169,151 @@ def official_rle(tensor):
     return out
 
 
-@pytest.mark.parametrize("shape", [(6, 19, 27), (3, 1, 9), (2, 9, 1), (1, 32, 32)])
+def sam_amg():
+    return pytest.importorskip("segment_anything.utils.amg")
+
+
+MASK_SHAPES = [(6, 19, 27), (3, 1, 9), (2, 9, 1), (1, 32, 32), (5, 8, 70)]
+
+
+@pytest.mark.parametrize("shape", MASK_SHAPES)
 def test_masks_to_rle_matches_official_loop_and_pycocotools(seed, shape):
     from pycocotools import mask as mask_utils
     gen = torch.Generator().manual_seed(seed)
     masks = random_masks(gen, *shape).bool()
     got = instseg_ops.masks_to_rle(masks)
     assert got == official_rle(masks)
+    assert got == sam_amg().mask_to_rle_pytorch(masks)
     for rle, m in zip(got, masks):
+        assert all(type(c) is int for c in rle["counts"])
         coco = mask_utils.frPyObjects(rle, *rle["size"])
         assert np.array_equal(mask_utils.decode(coco), m.numpy().astype(np.uint8))
         assert mask_utils.area(coco) == int(m.sum()) == sum(rle["counts"][1::2])
-    assert instseg_ops.masks_to_rle(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
+        assert sam_amg().rle_to_mask(rle).tolist() == m.tolist()
+    for dtype in (torch.uint8, torch.int32, torch.int64):   # nonzero = foreground
+        assert instseg_ops.masks_to_rle((masks * 5).to(dtype)) == got
+    strided = masks.transpose(1, 2)   # non-contiguous input
+    assert instseg_ops.masks_to_rle(strided) == official_rle(strided.contiguous())
 
 
-def test_masks_to_boxes(seed):
-    gen = torch.Generator().manual_seed(seed)
-    masks = random_masks(gen, 7, 21, 17).bool()
-    boxes = instseg_ops.masks_to_boxes(masks)
-    assert boxes.dtype == torch.int64 and boxes.shape == (7, 4)
-    for m, b in zip(masks, boxes):
+def test_masks_to_rle_op_layout_and_edge_cases(seed):
+    """The raw op: flat counts and offsets, every element written (poisoned outputs); empty
+    masks, full masks, a single set first pixel, 0-size batches."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        masks = random_masks(gen, 7, 11, 13).bool()
+        masks[2] = False
+        masks[2, 0, 0] = True      # first pixel set: a leading 0
+        masks[3] = False
+        masks[3, -1, -1] = True    # last pixel only
+        counts, offsets = torch.ops.instseg.masks_to_rle(masks)
+        assert counts.dtype == offsets.dtype == torch.int64 and offsets.shape == (8,)
+        want = official_rle(masks)
+        assert offsets.tolist() == np.cumsum([0] + [len(r["counts"]) for r in want]).tolist()
+        assert counts.tolist() == [c for r in want for c in r["counts"]]
+        rles = instseg_ops.masks_to_rle(masks)
+        assert rles[0]["counts"] == [11 * 13]               # empty
+        assert rles[1]["counts"] == [0, 11 * 13]            # full
+        assert rles[2]["counts"] == [0, 1, 11 * 13 - 1]
+        assert rles[3]["counts"] == [11 * 13 - 1, 1]
+        for shape in [(0, 4, 4), (3, 0, 5), (3, 5, 0), (0, 0, 0)]:
+            counts, offsets = torch.ops.instseg.masks_to_rle(torch.zeros(shape, dtype=torch.bool))
+            assert counts.shape == (0,) and offsets.tolist() == [0] * (shape[0] + 1)
+            assert instseg_ops.masks_to_rle(torch.zeros(shape, dtype=torch.bool)) == [
+                {"size": list(shape[1:]), "counts": []} for _ in range(shape[0])]
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def reference_boxes(masks):
+    out = []
+    for m in masks:
         ys, xs = torch.nonzero(m, as_tuple=True)
-        want = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max(), ys.max()]
-        assert b.tolist() == [int(v) for v in want]
-    assert instseg_ops.masks_to_boxes(masks.reshape(7, 1, 21, 17)).shape == (7, 1, 4)
-    assert instseg_ops.masks_to_boxes(torch.zeros((0, 3, 3), dtype=torch.bool)).shape == (0, 4)
+        out.append([0, 0, 0, 0] if len(xs) == 0 else [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())])
+    return torch.tensor(out, dtype=torch.int64).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+def test_masks_to_boxes(seed, shape):
+    gen = torch.Generator().manual_seed(seed)
+    masks = random_masks(gen, *shape).bool()
+    if shape[0] > 3:   # single pixels and lines: degenerate boxes
+        masks[2] = False
+        masks[2, shape[1] // 2, shape[2] - 1] = True
+        masks[3] = False
+        masks[3, :, 0] = True
+    boxes = instseg_ops.masks_to_boxes(masks)
+    assert boxes.dtype == torch.int64 and boxes.shape == (shape[0], 4)
+    assert torch.equal(boxes, reference_boxes(masks))
+    assert torch.equal(boxes, sam_amg().batched_mask_to_box(masks))
+    for dtype in (torch.uint8, torch.int16, torch.int64, torch.float32):   # nonzero = foreground
+        assert torch.equal(instseg_ops.masks_to_boxes((masks * 3).to(dtype)), boxes)
+    assert torch.equal(instseg_ops.masks_to_boxes(masks.transpose(1, 2)), reference_boxes(masks.transpose(1, 2)))
+    assert torch.equal(instseg_ops.masks_to_boxes(masks.reshape(shape[0], 1, *shape[1:])), boxes[:, None])
+    assert torch.equal(instseg_ops.masks_to_boxes(masks[0]), boxes[0])
     torchvision = pytest.importorskip("torchvision")
-    keep = masks.flatten(1).any(1)
-    assert torch.equal(boxes[keep].float(), torchvision.ops.masks_to_boxes(masks[keep]))
+    tv = instseg_ops.masks_to_boxes_torchvision(masks)
+    assert tv.dtype == torch.float32 and torch.equal(tv, torchvision.ops.masks_to_boxes(masks))
+
+
+def test_masks_to_boxes_empty_inputs():
+    for shape in [(0, 3, 3), (2, 0, 3), (2, 3, 0)]:
+        m = torch.zeros(shape, dtype=torch.bool)
+        boxes = instseg_ops.masks_to_boxes(m)
+        assert boxes.dtype == torch.int64 and boxes.shape == (shape[0], 4) and not boxes.any()
+        tv = pytest.importorskip("torchvision").ops.masks_to_boxes(m)
+        assert torch.equal(instseg_ops.masks_to_boxes_torchvision(m), tv)
+    with pytest.raises(RuntimeError, match="threshold logits"):
+        torch.ops.instseg.masks_to_boxes(torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="\\(\\.\\.\\., H, W\\)"):
+        instseg_ops.masks_to_boxes(torch.zeros(3, dtype=torch.bool))
+
+
+def official_stability(logits, thr, off):
+    """segment-anything's calculate_stability_score when installed, else its formula."""
+    try:
+        from segment_anything.utils.amg import calculate_stability_score
+    except ImportError:
+        return ((logits > thr + off).flatten(1).sum(1, dtype=torch.int32)
+                / (logits > thr - off).flatten(1).sum(1, dtype=torch.int32))
+    return calculate_stability_score(logits, thr, off)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_stability_score_and_boxes(seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(6, 20, 30, generator=gen) * 3).to(dtype)
+    logits[0] = -5          # empty at every threshold: NaN score, zero box
+    logits[1, :4] = 1.0     # values exactly on a threshold (strict >)
+    logits[2] = torch.randint(-3, 4, (20, 30), generator=gen).to(dtype)
+    for thr, off in [(0.0, 1.0), (0.3, 0.7), (-1.0, 2.5)]:
+        scores, boxes = instseg_ops.stability_score_and_boxes(logits, thr, off)
+        want = official_stability(logits, thr, off)
+        assert scores.dtype == torch.float32 and scores.shape == (6,)
+        torch.testing.assert_close(scores, want, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(boxes, reference_boxes(logits > thr))
+        assert torch.equal(boxes, sam_amg().batched_mask_to_box(logits > thr))
+        torch.testing.assert_close(instseg_ops.stability_score(logits, thr, off), want, rtol=0, atol=0,
+                                   equal_nan=True)
+    assert torch.isnan(scores[0]) and not boxes[0].any()
+    s4, b4 = instseg_ops.stability_score_and_boxes(logits.reshape(2, 3, 20, 30))
+    assert s4.shape == (2, 3) and b4.shape == (2, 3, 4)
+    torch.testing.assert_close(s4.flatten(), official_stability(logits, 0.0, 1.0), rtol=0, atol=0, equal_nan=True)
+
+
+def test_stability_score_and_boxes_edge_cases():
+    s, b = instseg_ops.stability_score_and_boxes(torch.zeros(0, 4, 4))
+    assert s.shape == (0,) and b.shape == (0, 4)
+    s, b = instseg_ops.stability_score_and_boxes(torch.zeros(2, 0, 4))
+    assert torch.isnan(s).all() and not b.any()
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.ops.instseg.stability_score_and_boxes(torch.zeros(1, 3, 3, dtype=torch.bool), 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="finite"):
+        torch.ops.instseg.stability_score_and_boxes(torch.zeros(1, 3, 3), float("nan"), 1.0)
 
 
 def test_stability_score(seed):
@@ -205,3 +322,20 @@ def test_stability_score(seed):
     got = instseg_ops.stability_score(logits, 0.0, 1.0)
     want = (logits > 1).flatten(1).sum(1).float() / (logits > -1).flatten(1).sum(1).float()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_mask_ops_opcheck_and_fake(seed):
+    gen = torch.Generator().manual_seed(seed)
+    masks = random_masks(gen, 4, 9, 12).bool()
+    opcheck(torch.ops.instseg.masks_to_boxes.default, (masks,))
+    opcheck(torch.ops.instseg.masks_to_rle.default, (masks,))
+    logits = torch.randn(3, 7, 5, generator=gen)
+    opcheck(torch.ops.instseg.stability_score_and_boxes.default, (logits, 0.0, 1.0))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        counts, offsets = torch.ops.instseg.masks_to_rle(mode.from_tensor(masks))
+        boxes = torch.ops.instseg.masks_to_boxes(mode.from_tensor(masks))
+        scores, sboxes = torch.ops.instseg.stability_score_and_boxes(mode.from_tensor(logits), 0.0, 1.0)
+    assert counts.dtype == torch.int64 and offsets.shape == (5,) and boxes.shape == (4, 4)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and sboxes.shape == (3, 4)
