@@ -28,13 +28,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_roi_align as base  # noqa: E402  device selection, metadata, formatting
+from model_stages import StageClock, add_run_args, finish_args, maskrcnn_stages, time_models  # noqa: E402
 
 import instseg_ops  # noqa: E402
 from instseg_ops.models import maskrcnn_resnet50_fpn  # noqa: E402
@@ -63,26 +62,6 @@ def build(device, args):
     return ours.eval().to(device), tv
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class StageClock:
-    """Milliseconds per named stage, synchronising CUDA at each boundary."""
-
-    def __init__(self, device):
-        self.device, self.ms = device, {}
-        sync(device)
-        self.t0 = time.perf_counter()
-
-    def mark(self, name):
-        sync(self.device)
-        now = time.perf_counter()
-        self.ms[name] = (now - self.t0) * 1e3
-        self.t0 = now
-
-
 def attach_masks(dets, mask_logits):
     """Each detection's mask probabilities (its own class's logits), as both models' eval does."""
     labels = torch.cat([d["labels"] for d in dets])
@@ -92,21 +71,7 @@ def attach_masks(dets, mask_logits):
 
 
 def stages_ours(m, imgs, device):
-    rh = m.roi_heads
-    clock = StageClock(device)
-    orig = [tuple(i.shape[-2:]) for i in imgs]
-    batch, sizes, _ = m.transform(imgs)
-    feats = m.backbone(batch)
-    clock.mark("backbone")
-    props, _ = m.rpn(tuple(batch.shape[-2:]), sizes, feats)
-    clock.mark("rpn")
-    dets, _ = rh._forward_box(feats, props, sizes, None)  # the box stage, then detection postprocessing
-    clock.mark("box")
-    dets = rh.forward_with_given_boxes(feats, dets, sizes)  # the mask stage on those boxes
-    clock.mark("mask")
-    out = m.transform.postprocess(dets, sizes, orig)
-    clock.mark("paste")
-    return clock.ms, out
+    return maskrcnn_stages(m, imgs, device, split_detector=True)
 
 
 def stages_tv(m, imgs, device):
@@ -147,7 +112,6 @@ def run_device(device, args, rows):
     ours, tv = build(device, args)
     g = torch.Generator().manual_seed(1)
     imgs = [torch.rand(3, args.size[0], args.size[1], generator=g).to(device) for _ in range(args.images)]
-    per = {"ours": {s: [] for s in STAGES}, "tv": {s: [] for s in STAGES}}
     with torch.no_grad():
         _, out_ours = stages_ours(ours, imgs, device)  # warm-up and agreement
         _, out_tv = stages_tv(tv, imgs, device)
@@ -159,16 +123,8 @@ def run_device(device, args, rows):
             base.note(f"{device}: detections ours {len(o['boxes'])}, torchvision {len(w['boxes'])}; "
                       f"{frac:.1%} of ours match one of torchvision's (same label, box IoU > 0.99), "
                       f"max |score diff| {score_diff:.1e}")
-        for _ in tqdm(range(args.repeats), desc=f"{device}: repeats (ours, torchvision)", leave=False, disable=None):
-            for name, fn, model in (("ours", stages_ours, ours), ("tv", stages_tv, tv)):
-                t, _ = fn(model, imgs, device)
-                for s, v in t.items():
-                    per[name][s].append(v)
-                sync(device)
-                t0 = time.perf_counter()
-                model(imgs)
-                sync(device)
-                per[name]["total"].append((time.perf_counter() - t0) * 1e3)
+        per = time_models([("ours", stages_ours, ours), ("tv", stages_tv, tv)], imgs, device, args.repeats, STAGES,
+                          desc=f"{device}: repeats (ours, torchvision)")
     for s in STAGES:
         o, w = statistics.median(per["ours"][s]), statistics.median(per["tv"][s])
         row = {"device": device, "stage": s, "ours_ms": o, "tv_ms": w, "speedup": w / o if o else None,
@@ -193,19 +149,13 @@ def run_device(device, args, rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default=None)
-    p.add_argument("--images", type=int, default=2)
+    add_run_args(p, images=2)
     p.add_argument("--size", type=lambda s: [int(v) for v in s.split("x")], default=[800, 1216], help="HxW")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="1 image, 3 repeats")
     p.add_argument("--ours-layout", choices=["auto", "channels_last", "contiguous"], default="auto",
                    help="memory format of our batched images (auto: channels_last on the CPU, our default)")
     p.add_argument("--tv-channels-last", action="store_true",
                    help="give torchvision's model channels_last weights (its convolutions then run channels_last)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.images, args.repeats = 1, 3
-    return args
+    return finish_args(p.parse_args(argv))
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_roi_align as base  # noqa: E402  metadata, formatting
+from model_stages import add_run_args, finish_args  # noqa: E402
 
 from instseg_ops.models import get_model, load_pretrained  # noqa: E402
 
@@ -106,16 +107,10 @@ def run(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="r50")
-    p.add_argument("--images", type=int, default=1)
+    add_run_args(p, images=1)
     p.add_argument("--size", type=lambda s: [int(v) for v in s.split("x")], default=None, help="HxW")
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="1 image, 3 repeats")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.images, args.repeats = 1, 3
-    return args
+    return finish_args(p.parse_args(argv))
 
 
 def main(argv=None):

@@ -24,36 +24,18 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_roi_align as base  # noqa: E402  device selection, metadata, formatting
+from model_stages import StageClock, add_run_args, finish_args, maskrcnn_stages, time_models  # noqa: E402
 
 import instseg_ops  # noqa: E402
 from instseg_ops.models import get_model  # noqa: E402
 
 STAGES = ["backbone", "detector", "mask", "paste", "total"]
 COLUMNS = [("device", 6), ("stage", 9), ("centermask_ms", 13), ("maskrcnn_ms", 12), ("ratio", 7)]
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class StageClock:
-    def __init__(self, device):
-        self.device, self.ms = device, {}
-        sync(device)
-        self.t0 = time.perf_counter()
-
-    def mark(self, name):
-        sync(self.device)
-        now = time.perf_counter()
-        self.ms[name] = (now - self.t0) * 1e3
-        self.t0 = now
 
 
 def build(device, args):
@@ -85,43 +67,21 @@ def stages_centermask(m, imgs, device):
 
 
 def stages_maskrcnn(m, imgs, device):
-    rh = m.roi_heads
-    clock = StageClock(device)
-    orig = [tuple(i.shape[-2:]) for i in imgs]
-    batch, sizes, _ = m.transform(imgs)
-    feats = m.backbone(batch)
-    clock.mark("backbone")
-    props, _ = m.rpn(tuple(batch.shape[-2:]), sizes, feats)
-    dets, _ = rh._forward_box(feats, props, sizes, None)
-    clock.mark("detector")
-    dets = rh.forward_with_given_boxes(feats, dets, sizes)
-    clock.mark("mask")
-    out = m.transform.postprocess(dets, sizes, orig)
-    clock.mark("paste")
-    return clock.ms, out
+    return maskrcnn_stages(m, imgs, device, split_detector=False)
 
 
 def run_device(device, args, rows):
     cm, mr = build(device, args)
     g = torch.Generator().manual_seed(1)
     imgs = [torch.rand(3, args.size, args.size, generator=g).to(device) for _ in range(args.images)]
-    per = {"cm": {s: [] for s in STAGES}, "mr": {s: [] for s in STAGES}}
     with torch.no_grad():
         _, o1 = stages_centermask(cm, imgs, device)
         _, o2 = stages_maskrcnn(mr, imgs, device)
         counts = {"centermask": [len(o["boxes"]) for o in o1], "maskrcnn": [len(o["boxes"]) for o in o2]}
         base.note(f"{device}: detections per image: CenterMask-Lite {counts['centermask']}, "
                   f"Mask R-CNN {counts['maskrcnn']}")
-        for _ in range(args.repeats):
-            for name, fn, model in (("cm", stages_centermask, cm), ("mr", stages_maskrcnn, mr)):
-                t, _ = fn(model, imgs, device)
-                for s, v in t.items():
-                    per[name][s].append(v)
-                sync(device)
-                t0 = time.perf_counter()
-                model(imgs)
-                sync(device)
-                per[name]["total"].append((time.perf_counter() - t0) * 1e3)
+        per = time_models([("cm", stages_centermask, cm), ("mr", stages_maskrcnn, mr)], imgs, device, args.repeats,
+                          STAGES, desc=f"{device}: repeats (CenterMask, Mask R-CNN)")
     params = {"centermask": sum(p.numel() for p in cm.parameters()) + sum(b.numel() for b in cm.buffers()),
               "maskrcnn": sum(p.numel() for p in mr.parameters()) + sum(b.numel() for b in mr.buffers())}
     for s in STAGES:
@@ -137,16 +97,10 @@ def run_device(device, args, rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default=None)
-    p.add_argument("--images", type=int, default=2)
+    add_run_args(p, images=2)
     p.add_argument("--size", type=int, default=512, help="square image side, also both models' resize size")
     p.add_argument("--detections", type=int, default=50, help="detections per image for both models")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="1 image, 3 repeats")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.images, args.repeats = 1, 3
-    return args
+    return finish_args(p.parse_args(argv))
 
 
 def main(argv=None):
