@@ -1,7 +1,7 @@
 """Train a registered model on a COCO-format instance segmentation data set.
 
     python -m instseg_ops.models.train --preset shapes_r18_fast_cpu --data DIR --out RUN_DIR \\
-        [--iters N] [--batch-size B] [--lr LR] [--eval-every K] [--resume] [--amp] \\
+        [--model-arg NAME=VALUE] [--iters N] [--batch-size B] [--lr LR] [--eval-every K] [--resume] [--amp] \\
         [--clip-grad X] [--workers W] [--device cpu|cuda] [--seed S] [--threads T]
 
 Multi-process (DDP): ``torchrun --nproc_per_node P -m instseg_ops.models.train ...`` (gloo on
@@ -11,6 +11,7 @@ checkpoint period (``last_checkpoint`` names the newest) and ``model_final.pth``
 continues exactly where a run stopped. The loop itself is ``instseg_ops.models.engine``.
 """
 import argparse
+import ast
 import sys
 from typing import Any, Dict, Tuple
 
@@ -44,6 +45,17 @@ def parse_minutes(text: str) -> Tuple[float, ...]:
     return out
 
 
+def parse_model_arg(text: str) -> Tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"bad model argument {text!r} (want NAME=VALUE, e.g. fcos_convs=4)")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()  # a bare word: a string
+    return key.strip(), parsed
+
+
 def parse_lr_multiplier(text: str) -> Tuple[str, float]:
     try:
         prefix, factor = text.split("=")
@@ -58,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", required=True, choices=preset_names())
     p.add_argument("--data", required=True, help="data directory (train/val images and COCO annotations)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints, model_final.pth")
+    p.add_argument("--model-arg", type=parse_model_arg, action="append", metavar="NAME=VALUE",
+                   help="override a keyword argument of the preset's model builder (repeatable; VALUE is a Python "
+                        "literal, e.g. fcos_convs=4 or norm=gn)")
     p.add_argument("--iters", type=int, help="total iterations (milestones scale with it)")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float, help="base learning rate")
@@ -111,6 +126,8 @@ def preset_from_args(args) -> Preset:
                      workers=args.workers, cache_data=args.cache_data, scale_schedule=args.scale_schedule)
     if args.lr_mult:
         overrides["lr_multipliers"] = dict(args.lr_mult)
+    if args.model_arg:
+        overrides["model"] = dict(args.model_arg)
     preset = get_preset(args.preset, **overrides)
     if clip is not None:
         preset.clip_grad = clip if clip > 0 else None

@@ -278,6 +278,18 @@ def test_eval_at_minutes_evaluates_once_per_mark(shapes_dir, tmp_path):
             cli.parse_args(base + ["--eval-at-minutes", bad])
 
 
+def test_model_arg_overrides_the_builder_kwargs():
+    base = ["--preset", "tiny_cpu", "--data", "d", "--out", "o"]
+    p = cli.preset_from_args(cli.parse_args(base + ["--model-arg", "num_classes=5", "--model-arg", "norm=gn",
+                                                    "--model-arg", "min_size=(64, 96)"]))
+    ref = presets.get_preset("tiny_cpu")
+    assert p.model == {**ref.model, "num_classes": 5, "norm": "gn", "min_size": (64, 96)}
+    assert cli.preset_from_args(cli.parse_args(base)).model == ref.model
+    for bad in ("num_classes", "=3", "a b=1"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(base + ["--model-arg", bad])
+
+
 def test_scale_schedule_helpers_cli_and_preset_round_trip(two_image_dir, tmp_path):
     sch = ((0.5, 0.5), (0.8, 0.75))
     assert [hooks.scale_at(sch, f) for f in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
