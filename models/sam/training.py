@@ -309,7 +309,7 @@ register_preset(Preset(
     name="shapes_sam_tiny_cpu",
     arch="sam_tiny_shapes",
     model=dict(max_instances=8, box_prob=0.5, box_jitter=0.1, point_iters=2, mask_iters=1),
-    iters=100000, batch_size=4, optimizer="adamw", lr=8e-4, weight_decay=0.1, warmup_iters=100,
-    milestones=(80000, 93000), gamma=0.1, time_budget=29.0, budget_reserve_s=60.0, eval_period=0,
-    checkpoint_period=1000, log_period=20, workers=0, clip_grad=1.0, cache_data=True, hflip_prob=0.5,
+    iters=100000, batch_size=4, optimizer="adamw", lr=5e-4, weight_decay=0.1, warmup_iters=100,
+    milestones=(80000, 93000), gamma=0.1, time_budget=29.0, budget_reserve_s=60.0, eval_period=500, eval_images=50,
+    checkpoint_period=500, log_period=20, workers=0, clip_grad=1.0, cache_data=True, hflip_prob=0.5,
 ))
