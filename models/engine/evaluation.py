@@ -19,9 +19,20 @@ def evaluate(model: torch.nn.Module, dataset, info: DistInfo, batch_size: int = 
     outputs into COCO results (RLE masks); rank 0 gathers them and scores. Returns
     ``{"bbox": {"AP", "AP50", ...}, "segm": {...}}`` on rank 0, None on the others. The
     caller's RNG streams and the model's train/eval mode are preserved. ``progress``: a tqdm
-    bar over rank 0's images (with ETA) when stderr is a terminal."""
+    bar over rank 0's images (with ETA) when stderr is a terminal. A model with an
+    ``evaluate_dataset(dataset, info, max_images=, progress=)`` method is scored by it instead
+    (its result is returned as it is; SAM's prompted mIoU)."""
     from ..data import Evaluator
     net = unwrap(model)
+    if callable(getattr(net, "evaluate_dataset", None)):
+        # a model with its own measure (SAM: prompted mIoU); same sharding, RNG and mode contract
+        was_training = net.training
+        net.eval()
+        try:
+            with preserved_rng(info.device):
+                return net.evaluate_dataset(dataset, info, max_images=max_images, progress=progress)
+        finally:
+            net.train(was_training)
     was_training = net.training
     evaluator = Evaluator(dataset, mask_threshold=mask_thresh)
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
