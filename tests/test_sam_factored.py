@@ -106,4 +106,4 @@ def test_amg_factored_vs_exact_vs_official(pair, seed):  # noqa: F811
                                       for x in (got_fast, got_exact)]))
     print(f"{len(want)} masks; factored vs exact: {differing} pixels differ")
     # an empty grid
-    assert SamAutomaticMaskGenerator(pair[1], point_grids=[np.zeros((0, 2))]).generate(image) == []
+    assert SamAutomaticMaskGenerator(pair[1], points_per_side=None, point_grids=[np.zeros((0, 2))]).generate(image) == []

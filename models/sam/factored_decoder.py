@@ -83,6 +83,9 @@ class FactoredMaskDecoder:
         # out_proj weights per head: (heads, dh, C)
         self.wo = [lay.cross_attn_image_to_token.out_proj.weight.t().reshape(
             lay.cross_attn_image_to_token.num_heads, -1, c) for lay in tr.layers]
+        # layer i's LayerNorm shift plus layer i+1's image-to-token output bias
+        self.ln_shift = [lay.norm4.bias + nxt.cross_attn_image_to_token.out_proj.bias
+                         for lay, nxt in zip(tr.layers, tr.layers[1:])] + [tr.layers[-1].norm4.bias]
         gammas = [lay.norm4.weight for lay in tr.layers]
         betas = [lay.norm4.bias for lay in tr.layers]
         up = decoder.output_upscaling
@@ -222,7 +225,9 @@ class FactoredMaskDecoder:
             if d == 0:
                 attended = self._attend_shared(t2i, queries + tokens, self.k1t, self.v1)
             else:
-                kt, vt, qt = (self._apply(g, *self._lowrank(state)) for g in self.groups[d - 1])
+                lowrank = self._lowrank(state)
+                kt, vt, qt = (self._apply(g, *lowrank) for g in self.groups[d - 1])
+                del lowrank
                 attended = self._attend(t2i, queries + tokens, kt, vt)
                 del kt, vt
             queries = layer.norm2(queries + attended)
@@ -241,11 +246,14 @@ class FactoredMaskDecoder:
             weights = torch.softmax(logits / math.sqrt(kq.shape[-1]), dim=2)
             at = weights.reshape(b, heads * n, length)
             u = (vq @ self.wo[d]).reshape(b, heads * n, c)
+            # pre_i = keys_{i-1} + A_i U_i + b_i (layer 1: X already holds b_1; later layers:
+            # b_i was added to keys_{i-1} through its LayerNorm's shift, keys_{i-1} is needed
+            # only here)
             if d == 0:
                 pre = torch.baddbmm(self.x, at.transpose(1, 2), u)
             else:
-                pre = keys.add_(i2t.out_proj.bias).baddbmm_(at.transpose(1, 2), u)
-            keys, mu, rstd = torch.native_layer_norm(pre, (c,), layer.norm4.weight, layer.norm4.bias,
+                pre = keys.baddbmm_(at.transpose(1, 2), u)
+            keys, mu, rstd = torch.native_layer_norm(pre, (c,), layer.norm4.weight, self.ln_shift[d],
                                                      layer.norm4.eps)
             del pre
             state.append((at, u, mu[..., 0], rstd[..., 0]))
