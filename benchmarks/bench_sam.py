@@ -24,9 +24,13 @@ runs only these.
 
 ``--config 1024``: the official 1024-px input and 256-wide decoder with a 2-block 96-wide
 encoder (vit_b/l/h's decoder, upsampling and post-processing costs without their encoder).
+``--config vit_b``: SAM ViT-B itself (random weights), 768x1024 image.
 
-Run: PYTHONPATH=. python benchmarks/bench_sam.py [--config tiny|1024] [--repeats 3] [--settings defaults,loose]
-     [--ops-only | --no-ops]
+Ours uses the factored decoder (``FactoredMaskDecoder``) unless ``--exact-decoder``; ``--sides``
+chooses which generators run (``official,ours``; the pair is compared only when both ran).
+
+Run: PYTHONPATH=. python benchmarks/bench_sam.py [--config tiny|1024|vit_b] [--repeats 3] [--settings defaults,loose]
+     [--ops-only | --no-ops] [--exact-decoder] [--sides official,ours]
 """
 import argparse
 import json
@@ -63,6 +67,10 @@ CONFIGS = {
     "1024": dict(encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=3, encoder_global_attn_indexes=(1,),
                  img_size=1024, patch_size=16, window_size=14, prompt_embed_dim=256, decoder_depth=2,
                  decoder_mlp_dim=2048, decoder_num_heads=8, mask_in_chans=16, iou_head_hidden_dim=256),
+    # SAM ViT-B as the official builder makes it (random weights)
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11),
+                  img_size=1024, patch_size=16, window_size=14, prompt_embed_dim=256, decoder_depth=2,
+                  decoder_mlp_dim=2048, decoder_num_heads=8, mask_in_chans=16, iou_head_hidden_dim=256),
 }
 CONFIG = {}
 
@@ -125,7 +133,7 @@ def _rss_kb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def _run_side(side, sd_path, kwargs, repeats, threads, config, conn):
+def _run_side(side, sd_path, kwargs, repeats, threads, config, exact, conn):
     torch.set_num_threads(threads)
     CONFIG.update(config)
     sd = torch.load(sd_path)
@@ -136,7 +144,7 @@ def _run_side(side, sd_path, kwargs, repeats, threads, config, conn):
         from instseg_ops.models.sam import SamAutomaticMaskGenerator
         model = build_ours()
         model.load_state_dict(sd)
-        gen = SamAutomaticMaskGenerator(model, **kwargs)
+        gen = SamAutomaticMaskGenerator(model, **kwargs, exact_decoder=exact)
     image = shapes_image(0, *image_hw())
     before = _rss_kb()
     out = gen.generate(image)
@@ -152,10 +160,25 @@ def _run_side(side, sd_path, kwargs, repeats, threads, config, conn):
                "summary": summary})
 
 
-def run_side(side, sd_path, kwargs, repeats, threads):
+def compare(want, got):
+    """"identical" (same masks, crop boxes, points, areas, bits), or how they differ."""
+    if want is None or got is None:
+        return None
+    if want == got:
+        return "identical"
+    if len(want) != len(got):
+        return f"{len(got)} masks vs {len(want)}"
+    keys = sum(w[:2] != g[:2] for w, g in zip(want, got))
+    pixels = [int(np.unpackbits(np.frombuffer(w[3], np.uint8) ^ np.frombuffer(g[3], np.uint8)).sum())
+              for w, g in zip(want, got)]
+    return (f"{keys} masks from other points; {sum(p > 0 for p in pixels)} masks differ in "
+            f"{sum(pixels)} pixels (at most {max(pixels)} in one)")
+
+
+def run_side(side, sd_path, kwargs, repeats, threads, exact=False):
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
-    p = ctx.Process(target=_run_side, args=(side, sd_path, kwargs, repeats, threads, dict(CONFIG), b))
+    p = ctx.Process(target=_run_side, args=(side, sd_path, kwargs, repeats, threads, dict(CONFIG), exact, b))
     p.start()
     res = a.recv()
     p.join()
@@ -289,9 +312,12 @@ def bench_amg(args):
     for name, kw in settings.items():
         if name not in args.settings.split(","):
             continue
-        off = run_side("official", sd_path, kw, args.repeats, args.threads)
-        ours = run_side("ours", sd_path, kw, args.repeats, args.threads)
-        same = off["summary"] == ours["summary"]
+        sides = args.sides.split(",")
+        nothing = {"ms": float("nan"), "peak_mb": float("nan"), "masks": -1, "summary": None}
+        off = run_side("official", sd_path, kw, args.repeats, args.threads) if "official" in sides else nothing
+        ours = run_side("ours", sd_path, kw, args.repeats, args.threads, args.exact_decoder) \
+            if "ours" in sides else nothing
+        same = compare(off["summary"], ours["summary"])
         row = {"setting": name, "kwargs": kw, "official_ms": off["ms"], "ours_ms": ours["ms"],
                "speedup": off["ms"] / ours["ms"], "official_peak_mb": off["peak_mb"], "ours_peak_mb": ours["peak_mb"],
                "masks": ours["masks"], "official_masks": off["masks"], "identical": same}
@@ -312,6 +338,8 @@ def main():
     ap.add_argument("--no-ops", action="store_true")
     ap.add_argument("--ops-only", action="store_true", help="only the mask ops against their references")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--exact-decoder", action="store_true", help="ours with the plain MaskDecoder")
+    ap.add_argument("--sides", default="official,ours")
     args = ap.parse_args()
     CONFIG.update(CONFIGS[args.config])
     args.out = args.out or f"benchmarks/out/sam_cpu_{'ops' if args.ops_only else args.config}.json"
@@ -327,6 +355,7 @@ def main():
     meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "points_per_side": args.points_per_side, "config": args.config, "repeats": args.repeats,
             "ops_only": args.ops_only,
+            "exact_decoder": args.exact_decoder,
             "image": f"{image_hw()[0]}x{image_hw()[1]} shapes, seed 0"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "amg": rows, "ops": ops}, f, indent=1)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .factored_decoder import FactoredMaskDecoder
 from .model import Sam
 from .predictor import SamPredictor
 
@@ -227,7 +228,8 @@ class SamAutomaticMaskGenerator:
                  stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
                  crop_n_points_downscale_factor: int = 1, point_grids: Optional[List[np.ndarray]] = None,
-                 min_mask_region_area: int = 0, output_mode: str = "binary_mask") -> None:
+                 min_mask_region_area: int = 0, output_mode: str = "binary_mask", *,
+                 exact_decoder: bool = False) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grid must be provided.")
         if points_per_side is not None:
@@ -255,6 +257,10 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        # False: decode the point batches with FactoredMaskDecoder (the image-side work shared
+        # across prompts; same masks up to float rounding), True: the plain MaskDecoder
+        self.exact_decoder = exact_decoder
+        self._factored = None
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
@@ -317,6 +323,12 @@ class SamAutomaticMaskGenerator:
         cropped = image[y0:y1, x0:x1, :]
         crop_size = cropped.shape[:2]
         self.predictor.set_image(cropped)
+        if not self.exact_decoder:
+            model = self.predictor.model
+            pe_model = model.prompt_encoder
+            self._factored = FactoredMaskDecoder(
+                model.mask_decoder, self.predictor.features, pe_model.get_dense_pe(),
+                pe_model.no_mask_embed.weight.reshape(1, -1, 1, 1))
         points_scale = np.array(crop_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
         data = MaskData()
@@ -324,6 +336,7 @@ class SamAutomaticMaskGenerator:
             points = points_for_image[start:start + self.points_per_batch]
             data.cat(self._process_batch(points, crop_size, crop_box, orig_size))
         self.predictor.reset_image()
+        self._factored = None
         dev = self.predictor.device
         if "iou_preds" not in data:
             data = MaskData(iou_preds=torch.zeros(0, device=dev), boxes=torch.zeros((0, 4), dtype=torch.long,
@@ -344,14 +357,23 @@ class SamAutomaticMaskGenerator:
         dev = pred.device
         in_points = torch.as_tensor(pred.transform.apply_coords(points, im_size), device=dev)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=dev)
-        low_res, iou_preds = pred._decode(in_points[:, None, :], in_labels[:, None], None, None, True)
-        n_out = low_res.shape[1]
-        low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)
+        iou_thresh = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        if self._factored is not None:
+            # only the masks that pass the IoU threshold are upscaled (the rest are not computed)
+            sparse, _ = pred.model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None,
+                                                  masks=None)
+            low_res, iou_preds = self._factored(sparse, multimask_output=True, iou_threshold=iou_thresh)
+        else:
+            low_res, iou_preds = pred._decode(in_points[:, None, :], in_labels[:, None], None, None, True)
+        n_out = iou_preds.shape[1]
+        iou_preds = iou_preds.flatten(0, 1)
         pts = torch.as_tensor(points.repeat(n_out, axis=0), device=dev)
         keep = torch.ones_like(iou_preds, dtype=torch.bool)
-        if self.pred_iou_thresh > 0.0:
-            keep = iou_preds > self.pred_iou_thresh
-        low_res, iou_preds, pts = low_res[keep], iou_preds[keep], pts[keep]
+        if iou_thresh is not None:
+            keep = iou_preds > iou_thresh
+        if self._factored is None or iou_thresh is None:
+            low_res = low_res.flatten(0, 1)[keep]
+        iou_preds, pts = iou_preds[keep], pts[keep]
         # only the survivors are upsampled, in chunks that bound the memory
         thr = pred.model.mask_threshold
         stab, masks = [], []
