@@ -19,9 +19,6 @@ checkpoint written by the trainer, or any SAM state dict (the official one, tran
 ``--arch`` naming the registered model to load it into (e.g. ``sam_vit_b``). The generic
 ``python -m instseg_ops.models.evaluate`` gives the same numbers for a trainer checkpoint.
 """
-import argparse
-import json
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -169,31 +166,22 @@ def load_model(checkpoint: str, arch: Optional[str], device: str):
 
 
 def main(argv=None) -> Optional[Dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m instseg_ops.models.sam.evaluate",
-                                description="Box- and point-prompt mIoU of a SAM checkpoint on a COCO-format set")
-    p.add_argument("--checkpoint", required=True, help="trainer checkpoint, or a SAM state dict with --arch")
-    p.add_argument("--data", required=True, help="data directory (SPLIT/*.png, annotations/instances_SPLIT.json)")
-    p.add_argument("--split", default="val")
+    from ..engine.distributed import setup_distributed
+    from ..evaluate import evaluation_parser, load_split, write_json
+    p = evaluation_parser("python -m instseg_ops.models.sam.evaluate",
+                          "Box- and point-prompt mIoU of a SAM checkpoint on a COCO-format set",
+                          "trainer checkpoint, or a SAM state dict with --arch")
     p.add_argument("--arch", help="registered model for a plain state dict (e.g. sam_vit_b, sam_tiny_shapes)")
-    p.add_argument("--max-images", type=int, default=0, help="the first N images (0: all)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--threads", type=int, help="torch intra-op CPU threads")
-    p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..data import CocoInstanceDataset
-    from ..engine.distributed import setup_distributed
     info = setup_distributed(args.device)
     model = load_model(args.checkpoint, args.arch, str(info.device))
-    ann = os.path.join(args.data, "annotations", f"instances_{args.split}.json")
-    dataset = CocoInstanceDataset(os.path.join(args.data, args.split), ann)
-    result = evaluate_prompts(model, dataset, info, max_images=args.max_images, progress=True)
+    result = evaluate_prompts(model, load_split(args.data, args.split), info, max_images=args.max_images,
+                              progress=True)
     if result is not None:
         print(", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)) + f"; {result['counts']}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1, sort_keys=True)
+        write_json(result, args.json)
     return result
 
 
