@@ -21,6 +21,16 @@ def _check_masks(masks: Tensor, name: str) -> Tensor:
     return masks
 
 
+def _flatten_leading(x: Tensor, name: str, what: str) -> Tuple[Tensor, Tuple[int, ...]]:
+    """(..., H, W) -> ((N, H, W) view or copy, the leading shape), with clear errors."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: {what} must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: {what} must be (..., H, W), got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-2])
+    return x.reshape(math.prod(lead), *x.shape[-2:]), lead
+
+
 def masks_to_boxes(masks: Tensor) -> Tensor:
     """(..., H, W) binary masks (bool, integer or floating point, nonzero = foreground) ->
     (..., 4) int64 XYXY boxes with inclusive maxima (the tightest box's first and last column
@@ -28,13 +38,7 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     (``instseg::masks_to_boxes``: CPU and CUDA kernels, one pass over each mask). For
     torchvision's ``masks_to_boxes`` (float32 boxes, same values) see
     :func:`masks_to_boxes_torchvision`."""
-    if not isinstance(masks, Tensor):
-        raise TypeError(f"masks_to_boxes: masks must be a tensor, got {type(masks).__name__}")
-    if masks.dim() < 2:
-        raise ValueError(f"masks_to_boxes: masks must be (..., H, W), got shape {tuple(masks.shape)}")
-    lead = masks.shape[:-2]
-    h, w = masks.shape[-2:]
-    m = masks.reshape(math.prod(lead), h, w)
+    m, lead = _flatten_leading(masks, "masks_to_boxes", "masks")
     if m.is_floating_point() or m.is_complex():
         m = m != 0
     return torch.ops.instseg.masks_to_boxes(m).reshape(*lead, 4)
@@ -79,14 +83,8 @@ def stability_score_and_boxes(logits: Tensor, mask_threshold: float = 0.0,
     and the boxes of the masks ``logits > mask_threshold`` (as :func:`masks_to_boxes`), without
     materialising the masks (``instseg::stability_score_and_boxes``: CPU and CUDA kernels).
     Returns float32 (...) scores and int64 (..., 4) boxes."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"stability_score_and_boxes: logits must be a tensor, got {type(logits).__name__}")
-    if logits.dim() < 2:
-        raise ValueError(f"stability_score_and_boxes: logits must be (..., H, W), got shape {tuple(logits.shape)}")
-    lead = logits.shape[:-2]
-    h, w = logits.shape[-2:]
-    scores, boxes = torch.ops.instseg.stability_score_and_boxes(
-        logits.reshape(math.prod(lead), h, w), float(mask_threshold), float(threshold_offset))
+    flat, lead = _flatten_leading(logits, "stability_score_and_boxes", "logits")
+    scores, boxes = torch.ops.instseg.stability_score_and_boxes(flat, float(mask_threshold), float(threshold_offset))
     return scores.reshape(lead), boxes.reshape(*lead, 4)
 
 
