@@ -15,5 +15,16 @@ def seed():
     return s
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (the machine is shared: no oversubscription, and
+    deterministic reductions); modules that train use it for every test through
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Kept importable from here for the older test modules; new ones import from _helpers.
 from _helpers import cuda_available, requires_cuda  # noqa: E402,F401

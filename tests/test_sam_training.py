@@ -16,12 +16,7 @@ from instseg_ops.models.sam.evaluate import evaluate_prompts, interior_points, m
 from instseg_ops.models.sam.training import interaction_schedule, sam_losses, sample_error_points
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_sam(seed, **kw):
