@@ -339,3 +339,66 @@ def test_mask_ops_opcheck_and_fake(seed):
         scores, sboxes = torch.ops.instseg.stability_score_and_boxes(mode.from_tensor(logits), 0.0, 1.0)
     assert counts.dtype == torch.int64 and offsets.shape == (5,) and boxes.shape == (4, 4)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and sboxes.shape == (3, 4)
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def small_masks(draw):
+    n = draw(st.integers(0, 3))
+    h = draw(st.integers(1, 9))
+    w = draw(st.integers(1, 9))
+    bits = draw(st.lists(st.booleans(), min_size=n * h * w, max_size=n * h * w))
+    return np.array(bits, dtype=bool).reshape(n, h, w)
+
+
+def _box_of(m):
+    ys, xs = np.nonzero(m)
+    return [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max(), ys.max()]
+
+
+@settings(max_examples=80, deadline=None)
+@given(m=small_masks())
+def test_masks_to_rle_and_boxes_properties(m):
+    # RLE: counts alternate starting with zeros, sum to H*W, and expand (column-major) back to
+    # the mask; boxes: the tightest inclusive box of the set pixels, zeros when none.
+    from pycocotools import mask as mask_utils
+    t = torch.from_numpy(m)
+    rles = instseg_ops.masks_to_rle(t)
+    assert len(rles) == m.shape[0]
+    for mask, rle in zip(m, rles):
+        h, w = mask.shape
+        counts = rle["counts"]
+        assert rle["size"] == [h, w] and sum(counts) == h * w and all(c > 0 for c in counts[1:])
+        flat = np.repeat(np.arange(len(counts)) % 2, counts).astype(bool)
+        np.testing.assert_array_equal(flat.reshape(w, h).T, mask)
+        coco = mask_utils.frPyObjects(rle, h, w)
+        np.testing.assert_array_equal(mask_utils.decode(coco).astype(bool), mask)
+    boxes = instseg_ops.masks_to_boxes(t)
+    assert boxes.dtype == torch.int64 and boxes.shape == (m.shape[0], 4)
+    assert boxes.tolist() == [_box_of(x) for x in m]
+
+
+@settings(max_examples=80, deadline=None)
+@given(m=small_masks(), data=st.data())
+def test_stability_score_and_boxes_properties(m, data):
+    # Logits on a coarse grid so that values equal to the thresholds occur: the score is the
+    # count above thr + offset over the count above thr - offset (NaN when that is 0), the
+    # boxes those of logits > thr.
+    n, h, w = m.shape
+    vals = data.draw(st.lists(st.sampled_from([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]),
+                              min_size=n * h * w, max_size=n * h * w))
+    logits = np.array(vals, dtype=np.float32).reshape(n, h, w)
+    thr, off = data.draw(st.sampled_from([(0.0, 1.0), (0.5, 0.5), (-0.5, 1.5)]))
+    scores, boxes = instseg_ops.stability_score_and_boxes(torch.from_numpy(logits), thr, off)
+    for i in range(n):
+        inter = (logits[i] > np.float32(thr + off)).sum()
+        union = (logits[i] > np.float32(thr - off)).sum()
+        if union == 0:
+            assert torch.isnan(scores[i])
+        else:
+            assert scores[i].item() == pytest.approx(inter / union, rel=1e-6)
+        assert boxes[i].tolist() == _box_of(logits[i] > thr)
