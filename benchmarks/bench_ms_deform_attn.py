@@ -44,9 +44,11 @@ import time
 
 import torch
 
-import instseg_ops
-from instseg_ops import ms_deform_attn
-from instseg_ops.reference import ms_deform_attn_reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import instseg_ops  # noqa: E402
+from instseg_ops import ms_deform_attn  # noqa: E402
+from instseg_ops.reference import ms_deform_attn_reference  # noqa: E402
+from peak_memory import PeakRSS  # noqa: E402
 
 HEADS, DIM, POINTS, SEED = 8, 32, 4, 0
 SHAPES = {
@@ -112,24 +114,16 @@ def timeit(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def measure_memory_here(name, impl, pass_name, dtype_name):
     """In a fresh process: extra peak resident memory (MiB) of one call."""
     levels, ins, grad = make_inputs(name, "cpu", DTYPES[dtype_name], pass_name == "fwdbwd")
     fn = impl_fn(impl, levels)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    call(fn, ins, grad, pass_name)
-    return (_status_kb("VmHWM") - before) / 1024.0
+    with PeakRSS() as peak:
+        call(fn, ins, grad, pass_name)
+    if peak.mb is None:
+        raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs")
+    return peak.mb
 
 
 def measure_memory(name, impl, pass_name, dtype_name):

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_roi_align as base  # noqa: E402  timing, metadata, formatting helpers
+from peak_memory import PeakRSS  # noqa: E402
 
 import instseg_ops  # noqa: E402
 
@@ -154,23 +155,6 @@ def method_fn(name, masks, boxes, h, w):
     raise ValueError(name)
 
 
-def _rss_reset():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return None
-
-
 def worker(spec):
     """Runs one (case, dtype, method) in this process; prints a JSON result line."""
     device, case, dtype_name, method = spec["device"], spec["case"], spec["dtype"], spec["method"]
@@ -189,12 +173,11 @@ def worker(spec):
         first_s = time.perf_counter() - t0
         res["peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        ok = _rss_reset()
-        rss0 = _status_kb("VmRSS")
-        t0 = time.perf_counter()
-        out = fn()
-        first_s = time.perf_counter() - t0
-        res["peak_mb"] = (_status_kb("VmHWM") - rss0) / 1024 if ok else None
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            out = fn()
+            first_s = time.perf_counter() - t0
+        res["peak_mb"] = peak.mb
     result = out[0] if isinstance(out, tuple) else out
     if isinstance(result, list):  # crops
         res["out_mb"] = sum(c.numel() * c.element_size() for c in result) / 2**20

@@ -10,7 +10,8 @@ official defaults otherwise; two settings: ``defaults`` (pred_iou_thresh 0.88,
 stability_score_thresh 0.95) and ``loose`` (IoU threshold at the median predicted IoU of the
 grid, stability 0.7, box NMS 1.0: many more masks survive to the end). Each side runs in its
 own subprocess: one warm-up ``generate``, then the median of --repeats timed calls; peak
-memory = the process's peak RSS (ru_maxrss) minus its RSS before the first ``generate``. The
+memory = the peak RSS over these calls (VmHWM reset just before the first, see
+``peak_memory.py``) minus the RSS before the first ``generate``. The
 two outputs are compared (count, and every mask's crop box, point, area and segmentation).
 
 Ops alone (CPU, 64 random 512x512 masks, ours and the reference timed alternately, outputs
@@ -38,12 +39,15 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peak_memory import PeakRSS  # noqa: E402
 
 
 def shapes_image(seed, h, w):
@@ -128,11 +132,6 @@ def official_model(sd):
     return sam
 
 
-def _rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
 def _run_side(side, sd_path, kwargs, repeats, threads, config, exact, conn):
     torch.set_num_threads(threads)
     CONFIG.update(config)
@@ -146,17 +145,16 @@ def _run_side(side, sd_path, kwargs, repeats, threads, config, exact, conn):
         model.load_state_dict(sd)
         gen = SamAutomaticMaskGenerator(model, **kwargs, exact_decoder=exact)
     image = shapes_image(0, *image_hw())
-    before = _rss_kb()
-    out = gen.generate(image)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    with PeakRSS() as peak:
         out = gen.generate(image)
-        times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = gen.generate(image)
+            times.append(time.perf_counter() - t)
     summary = sorted((tuple(a["crop_box"]), tuple(a["point_coords"][0]), a["area"],
                       np.packbits(a["segmentation"]).tobytes()) for a in out)
-    conn.send({"ms": 1000 * statistics.median(times), "peak_mb": peak / 1024, "masks": len(out),
+    conn.send({"ms": 1000 * statistics.median(times), "peak_mb": float("nan") if peak.mb is None else peak.mb, "masks": len(out),
                "summary": summary})
 
 
