@@ -20,9 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_sam(seed, **kw):
-    """The preset's model at 64 px input (8x8 embedding, 32x32 logits), random weights."""
+    """The preset's model at 64 px input with 8-px patches (8x8 embedding, one window, 32x32
+    logits), random weights."""
     torch.manual_seed(seed)
-    return get_model("sam_tiny_shapes", img_size=64, **kw)
+    return get_model("sam_tiny_shapes", img_size=64, patch_size=8, **kw)
 
 
 def disc_and_box(h, w, seed):
@@ -325,7 +326,7 @@ def test_preset_trains_and_reports_prompted_miou(tiny_shapes, tmp_path):
     preset = PRESETS["shapes_sam_tiny_cpu"]
     assert preset.arch == "sam_tiny_shapes" and preset.time_budget == 29.0
     model = sam_training.sam_tiny_shapes(**preset.model)
-    assert model.image_encoder.img_size == 256 and model.prompt_encoder.mask_input_size == (128, 128)
+    assert model.image_encoder.img_size == 256 and model.prompt_encoder.mask_input_size == (64, 64)
     assert model.train_options["point_iters"] >= 1 and model.train_options["mask_iters"] >= 1
 
     # 2 iterations at a 64-px input (the preset's model otherwise)
