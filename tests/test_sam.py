@@ -371,6 +371,19 @@ def test_predictor_bad_input(pair):
     assert p.predict(box=np.array([0.0, 0.0, 700.0, 1.0]), multimask_output=False)[0].shape == (1, 1, 700)
 
 
+@pytest.mark.parametrize("chunk", [None, 1 << 12])
+def test_image_encoder_is_bitwise_the_official(pair, seed, chunk, monkeypatch):
+    """Same operations in the same order (relative positions added in place, logits chunked
+    over heads): the same bits, windowed and global blocks, with or without chunking."""
+    off, ours = pair
+    if chunk is not None:
+        from instseg_ops.models.sam.image_encoder import Attention
+        monkeypatch.setattr(Attention, "chunk_elements", chunk)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(seed)) * 50
+    with torch.no_grad():
+        assert torch.equal(ours.image_encoder(x), off.image_encoder(x))
+
+
 @pytest.mark.slow
 def test_vit_b_predictor_matches_official(seed):
     off = sa.sam_model_registry["vit_b"]()

@@ -51,8 +51,9 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor
 def add_relative_position_bias(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
                                q_hw: Tuple[int, int], k_hw: Tuple[int, int]) -> Tensor:
     """Decomposed relative positions (MViTv2): adds to the attention logits ``attn``
-    (B, qh * qw, kh * kw) the terms of queries ``q`` (B, qh * qw, C) with the row and column
-    tables (in the official order of operations, so that results are bitwise the same)."""
+    (B, qh * qw, kh * kw), in place, the terms of queries ``q`` (B, qh * qw, C) with the row
+    and column tables (in the official order of operations, so that results are bitwise the
+    same; in place, no two temporaries of the logits' size)."""
     qh, qw = q_hw
     kh, kw = k_hw
     table_h = relative_position_table(qh, kh, rel_pos_h)
@@ -61,8 +62,9 @@ def add_relative_position_bias(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_p
     rq = q.reshape(b, qh, qw, c)
     bias_h = torch.einsum("bhwc,hkc->bhwk", rq, table_h)
     bias_w = torch.einsum("bhwc,wkc->bhwk", rq, table_w)
-    attn = attn.view(b, qh, qw, kh, kw) + bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
-    return attn.view(b, qh * qw, kh * kw)
+    grid = attn.view(b, qh, qw, kh, kw)
+    grid.add_(bias_h[:, :, :, :, None]).add_(bias_w[:, :, :, None, :])
+    return attn
 
 
 class Attention(nn.Module):
