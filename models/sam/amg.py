@@ -282,7 +282,9 @@ class SamAutomaticMaskGenerator:
             segmentations = rles
         else:
             segmentations = list(masks.cpu().numpy())
-        areas = masks.flatten(1).sum(1).tolist()
+        # in chunks: a sum over bool masks first converts them to int64, 8 bytes per pixel
+        flat = masks.flatten(1)
+        areas = [a for s in range(0, len(flat), 16) for a in flat[s:s + 16].sum(1).tolist()]
         data["masks"] = None
         data.to_numpy()
         anns = []
