@@ -4,8 +4,9 @@
 #      (roi_align, multi-level RoIAlign, nms/batched_nms, mask pasting, ms_deform_attn, Mask R-CNN
 #      end to end, Mask2Former against transformers', per-call overhead), on the CPU and, when there is
 #      one, the GPU;
-#   2. the demo: the shipped Mask R-CNN checkpoint on freshly generated images, drawn to
-#      benchmarks/out/demo.png;
+#   2. the demos: the shipped Mask R-CNN checkpoint on freshly generated images, drawn to
+#      benchmarks/out/demo.png, and SAM's automatic mask generator with the shipped shapes SAM,
+#      drawn to benchmarks/out/sam_demo.png;
 #   3. a one-screen summary (speedups with their spread, correctness checks, devices) and the
 #      plot benchmarks/out/summary.png.
 # Every benchmark's rows are written as JSON under benchmarks/out/.
@@ -63,6 +64,8 @@ step "Mask2Former R50 vs transformers' Mask2Former, same weights" $PY benchmarks
 step "per-call overhead vs torchvision" $PY benchmarks/bench_overhead.py "${overhead[@]}" --out "$OUT/overhead_cpu.json"
 step "demo: the shipped Mask R-CNN on fresh shapes images" \
   $PY -m instseg_ops.models.demo --out "$OUT/demo.png" --json "$OUT/demo.json"
+step "demo: SAM's automatic mask generator (the shipped shapes SAM) on fresh shapes images" \
+  $PY -m instseg_ops.models.sam.demo --out "$OUT/sam_demo.png" --json "$OUT/sam_demo.json"
 
 echo
 echo "=================================== summary ==================================="
