@@ -202,6 +202,36 @@ def test_losses_train_the_model_and_ignore_empty_targets(seed):
         model([img], [tgt, tgt])
 
 
+def test_full_res_loss_scores_the_upsampled_logits(seed):
+    from instseg_ops.models.sam.training import _mask_stats
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 3, 16, 16, generator=g) * 4
+    up = torch.nn.functional.interpolate(logits, (64, 64), mode="bilinear", align_corners=False)
+    # the ground truth at the input size is what the upsampled logits say for output 0
+    target = (up[:, :1] > 0).float()
+    focal, dice, iou = _mask_stats(logits, target, 20.0)
+    assert focal.shape == dice.shape == iou.shape == (5, 3)
+    assert torch.equal(iou[:, 0], torch.ones(5))
+    assert (iou[:, 1:] < 1).all()
+    _, _, iou_neg = _mask_stats(-logits, target, 20.0)
+    assert torch.equal(iou_neg[:, 0], torch.zeros(5))
+    # at the low resolution (same size) nothing is upsampled
+    low_target = (logits[:, :1] > 0).float()
+    assert torch.equal(_mask_stats(logits, low_target, 20.0)[2][:, 0], torch.ones(5))
+    # and the preset's model trains with it
+    model = small_sam(seed, full_res_loss=True).train()
+    img, tgt = disc_and_box(64, 64, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(15):
+        total = sum(model([img], [tgt]).values())
+        first = float(total) if first is None else first
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert float(sum(model([img], [tgt]).values())) < 0.7 * first
+
+
 def test_trainable_sam_keeps_the_official_layout(seed):
     model = small_sam(seed, point_iters=1)
     assert model.train_options == {"point_iters": 1}

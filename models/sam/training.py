@@ -19,8 +19,12 @@ the model learns to refine its own mask. Every iteration is supervised:
 - the IoU head: mean squared error to the true IoU of every output that was scored.
 
 Losses are on the decoder's low-resolution logits against the ground truth area-resampled to
-that grid (a cell is foreground when at least half its pixels are). ``loss_focal`` (already x
-``focal_weight``), ``loss_dice``, ``loss_iou`` are means over all scored masks.
+that grid (a cell is foreground when at least half its pixels are), or, with
+``full_res_loss=True`` (the shapes preset), on the logits upsampled bilinearly to the input
+size against the ground truth there, which is what evaluation and the predictor threshold
+(SAM 2's training code also upsamples to the targets). ``loss_focal`` (already x
+``focal_weight``), ``loss_dice``, ``loss_iou`` are means over all scored masks; the IoU
+head's target is the IoU at the same resolution.
 
 ``TrainableSam`` is a ``Sam`` that keeps these options (its state dict is the official one)
 and evaluates itself with prompts (``evaluate.evaluate_prompts``); ``sam_tiny_shapes`` builds
@@ -121,7 +125,10 @@ def interaction_schedule(point_iters: int, mask_iters: int, generator: Optional[
 
 def _mask_stats(logits: Tensor, target: Tensor, focal_weight: float):
     """focal, dice (each (K, M)) and the true IoU (no grad) of logits (K, M, h, w) against
-    target (K, 1, h, w) in {0, 1}."""
+    target (K, 1, H, W) in {0, 1}; logits are upsampled bilinearly to (H, W) when it is larger
+    (as ``postprocess_masks`` does before thresholding)."""
+    if target.shape[-2:] != logits.shape[-2:]:
+        logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=False)
     tgt = target.expand_as(logits)
     focal = focal_loss(logits, tgt)
     dice = dice_loss(logits, tgt)
@@ -135,8 +142,8 @@ def _mask_stats(logits: Tensor, target: Tensor, focal_weight: float):
 
 def sam_losses(model: Sam, images: List[Tensor], targets: List[Dict[str, Tensor]], max_instances: int = 8,
                box_prob: float = 0.5, box_jitter: float = 0.1, focal_weight: float = 20.0, point_iters: int = 2,
-               mask_iters: int = 1, iou_weight: float = 1.0, generator: Optional[torch.Generator] = None
-               ) -> Dict[str, Tensor]:
+               mask_iters: int = 1, iou_weight: float = 1.0, full_res_loss: bool = False,
+               generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
     """``images``: (3, H, W) floats in [0, 1] (the trainer's) or [0, 255]; ``targets``: dicts
     with ``masks`` (N, H, W) and ``boxes`` (N, 4) XYXY in the image's pixels. Returns
     ``loss_focal``, ``loss_dice``, ``loss_iou`` (see the module's description)."""
@@ -184,6 +191,9 @@ def sam_losses(model: Sam, images: List[Tensor], targets: List[Dict[str, Tensor]
                                         torch.cat(valid_low))
     k = len(img_idx)
     target = (F.interpolate(gt_in[:, None].float(), low, mode="area") >= 0.5).float()   # (K, 1, h, w)
+    # what the losses and the IoU targets compare with: the low-resolution target, or the
+    # ground truth at the input size, against logits upsampled to it (full_res_loss)
+    scored = gt_in[:, None].float() if full_res_loss else target
     src = emb[img_idx]
 
     # the first prompt: a jittered box (by up to box_jitter of its side) or one positive point
@@ -227,7 +237,7 @@ def sam_losses(model: Sam, images: List[Tensor], targets: List[Dict[str, Tensor]
         masks, iou_pred = model.mask_decoder.predict_masks(src, pe, sparse, dense)
         if it == 0:
             multi, multi_iou = masks[:, 1:], iou_pred[:, 1:]
-            focal, dice, true_iou = _mask_stats(multi, target, focal_weight)
+            focal, dice, true_iou = _mask_stats(multi, scored, focal_weight)
             best = (focal_weight * focal + dice).argmin(1, keepdim=True)
             focal_all.append(focal.gather(1, best)[:, 0])
             dice_all.append(dice.gather(1, best)[:, 0])
@@ -236,14 +246,14 @@ def sam_losses(model: Sam, images: List[Tensor], targets: List[Dict[str, Tensor]
             # single output (box-first; also supervised, see above)
             prev = multi[torch.arange(k, device=dev), multi_iou.argmax(1)]
             if len(box_ids):
-                focal, dice, true_iou = _mask_stats(masks[box_ids, :1], target[box_ids], focal_weight)
+                focal, dice, true_iou = _mask_stats(masks[box_ids, :1], scored[box_ids], focal_weight)
                 focal_all.append(focal[:, 0])
                 dice_all.append(dice[:, 0])
                 iou_all.append(((iou_pred[box_ids, :1] - true_iou) ** 2)[:, 0])
                 prev = prev.clone()
                 prev[box_ids] = masks[box_ids, 0]
         else:
-            focal, dice, true_iou = _mask_stats(masks[:, :1], target, focal_weight)
+            focal, dice, true_iou = _mask_stats(masks[:, :1], scored, focal_weight)
             focal_all.append(focal[:, 0])
             dice_all.append(dice[:, 0])
             iou_all.append(((iou_pred[:, :1] - true_iou) ** 2)[:, 0])
@@ -277,7 +287,7 @@ class TrainableSam(Sam):
 
 
 TRAIN_OPTION_NAMES = ("max_instances", "box_prob", "box_jitter", "focal_weight", "point_iters", "mask_iters",
-                      "iou_weight")
+                      "iou_weight", "full_res_loss")
 
 # The shapes model: TINY_CONFIG (16-px patches: a 16x16 embedding and 64x64 mask logits for the
 # 256-px shapes images, 4 px per cell) with 8x8 windows that tile the grid. 8-px patches give
@@ -309,7 +319,7 @@ def sam_tiny_shapes(num_classes: Optional[int] = None, pos_embed_std: float = 0.
 register_preset(Preset(
     name="shapes_sam_tiny_cpu",
     arch="sam_tiny_shapes",
-    model=dict(max_instances=8, box_prob=0.5, box_jitter=0.1, point_iters=2, mask_iters=1),
+    model=dict(max_instances=8, box_prob=0.5, box_jitter=0.1, point_iters=2, mask_iters=1, full_res_loss=True),
     iters=100000, batch_size=4, optimizer="adamw", lr=5e-4, weight_decay=0.1, warmup_iters=100,
     milestones=(80000, 93000), gamma=0.1, time_budget=29.0, budget_reserve_s=60.0, eval_period=500, eval_images=50,
     checkpoint_period=500, log_period=20, workers=0, clip_grad=1.0, cache_data=True, hflip_prob=0.5,
