@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.io import read_image, write_image
 from .engine.checkpoint import export_checkpoint, model_from_checkpoint
+from .evaluate import write_json
 
 # Distinct colours for up to 12 detections, then repeated.
 PALETTE = np.array([
@@ -193,6 +194,14 @@ def _final_eval(metrics_path: str) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # fresh images, matching to their ground truth, the picture
+
+
+def pick_demo_seed(seed: Optional[int], num_images: int) -> int:
+    """``seed``, or a new one when None; says which, and that these are not training images."""
+    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 100000
+    print(f"{num_images} generated images (split 'demo', seed {seed}; the training data is split 'train', "
+          f"seed 0)", flush=True)
+    return seed
 
 
 def demo_images(seed: int, num_images: int, size: int = 256):
@@ -373,9 +382,7 @@ def main(argv=None):
             extra = f", and the {len(det['scores']) - above} best below it" if len(det["scores"]) > above else ""
             print(f"{path}: {above} detections >= {args.score_thresh}{extra}; wrote {out}")
         return
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 100000
-    print(f"{args.num_images} generated images (split 'demo', seed {seed}; the training data is split 'train', "
-          f"seed 0)", flush=True)
+    seed = pick_demo_seed(args.seed, args.num_images)
     s = run_generated_demo(args.out, num_images=args.num_images, seed=seed, size=args.size,
                            score_thresh=args.score_thresh, device=args.device, model=model, names=names)
     s["checkpoint"] = checkpoint
@@ -383,9 +390,7 @@ def main(argv=None):
           f"{s['mean_mask_iou']:.2f}; {s['segmented_any_class']}/{s['objects']} masks found whatever the class), "
           f"{s['false_positives']} other detections, {s['seconds_per_image']:.2f} s per image on {args.device}; "
           f"wrote {args.out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(s, f, indent=1)
+    write_json(s, args.json)
 
 
 if __name__ == "__main__":

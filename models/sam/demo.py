@@ -14,7 +14,6 @@ The default checkpoint ships with the package (``assets/sam_tiny_shapes.pth``: f
 of the ``shapes_sam_tiny_cpu`` preset's 29-minute CPU run, see benchmarks/RESULTS.md).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,8 +23,10 @@ import numpy as np
 import torch
 
 from ..data.io import read_image, write_image
-from ..demo import ASSETS, _boxes_of, _caption, _tile, _upscale, demo_images, draw_detections, match_detections
+from ..demo import (ASSETS, _boxes_of, _caption, _tile, _upscale, demo_images, draw_detections, match_detections,
+                    pick_demo_seed)
 from ..engine.checkpoint import model_from_checkpoint
+from ..evaluate import write_json
 from .amg import SamAutomaticMaskGenerator
 
 SAM_DEMO_CHECKPOINT = os.path.join(ASSETS, "sam_tiny_shapes.pth")
@@ -130,16 +131,12 @@ def main(argv=None):
         write_image(args.out, _tile([_draw_row(image, gen, None, 1, args.image, f"{len(gen['scores'])} masks")]))
         print(f"{args.image}: {len(gen['scores'])} masks in {secs:.2f} s; wrote {args.out}")
         return
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 100000
-    print(f"{args.num_images} generated images (split 'demo', seed {seed}; the training data is split 'train', "
-          f"seed 0)", flush=True)
+    seed = pick_demo_seed(args.seed, args.num_images)
     s = run_sam_demo(args.out, generator, num_images=args.num_images, seed=seed)
     s["checkpoint"] = checkpoint
     print(f"covered {s['covered']}/{s['objects']} objects with {s['masks']} masks (mask IoU >= 0.5; mean IoU "
           f"{s['mean_mask_iou']:.2f}), {s['seconds_per_image']:.2f} s per image on {args.device}; wrote {args.out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(s, f, indent=1)
+    write_json(s, args.json)
 
 
 if __name__ == "__main__":
