@@ -20,7 +20,7 @@ the model learns to refine its own mask. Every iteration is supervised:
 
 Losses are on the decoder's low-resolution logits against the ground truth area-resampled to
 that grid (a cell is foreground when at least half its pixels are), or, with
-``full_res_loss=True`` (the shapes preset), on the logits upsampled bilinearly to the input
+``full_res_loss=True``, on the logits upsampled bilinearly to the input
 size against the ground truth there, which is what evaluation and the predictor threshold
 (SAM 2's training code also upsamples to the targets). ``loss_focal`` (already x
 ``focal_weight``), ``loss_dice``, ``loss_iou`` are means over all scored masks; the IoU
@@ -319,7 +319,7 @@ def sam_tiny_shapes(num_classes: Optional[int] = None, pos_embed_std: float = 0.
 register_preset(Preset(
     name="shapes_sam_tiny_cpu",
     arch="sam_tiny_shapes",
-    model=dict(max_instances=8, box_prob=0.5, box_jitter=0.1, point_iters=2, mask_iters=1, full_res_loss=True),
+    model=dict(max_instances=8, box_prob=0.5, box_jitter=0.1, point_iters=2, mask_iters=1),
     iters=100000, batch_size=4, optimizer="adamw", lr=5e-4, weight_decay=0.1, warmup_iters=100,
     milestones=(80000, 93000), gamma=0.1, time_budget=29.0, budget_reserve_s=60.0, eval_period=500, eval_images=50,
     checkpoint_period=500, log_period=20, workers=0, clip_grad=1.0, cache_data=True, hflip_prob=0.5,
