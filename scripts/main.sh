@@ -70,4 +70,4 @@ step "demo: SAM's automatic mask generator (the shipped shapes SAM) on fresh sha
 echo
 echo "=================================== summary ==================================="
 $PY benchmarks/summary.py --out-dir "$OUT" --since "$start" --demo "$OUT/demo.json"
-echo "main job: $(( $(date +%s) - start )) s in all; rows in $OUT/*.json, picture $OUT/demo.png, plot $OUT/summary.png"
+echo "main job: $(( $(date +%s) - start )) s in all; rows in $OUT/*.json, pictures $OUT/demo.png and $OUT/sam_demo.png, plot $OUT/summary.png"
