@@ -427,12 +427,17 @@ def test_onnx_multiscale_roi_align(seed):
 
     def inputs(n0, n1):
         feats = {name: torch.randn(2, 3, 128 >> i, 128 >> i) for i, name in enumerate(names)}
-        return feats, [rand_boxes(n0, 500, lo=8.0), rand_boxes(n1, 500, lo=8.0)]
+        boxes = [rand_boxes(n0, 500, lo=8.0), rand_boxes(n1, 500, lo=8.0)]
+        # squares of sides 40, 150, 300 and 480 at random places: levels 2, 3, 4 and 5 in every call
+        sides = torch.tensor([40.0, 150.0, 300.0, 480.0])
+        xy = torch.rand(4, 2) * (500 - sides[:, None])
+        boxes[0][:4] = torch.cat([xy, xy + sides[:, None]], dim=1)
+        return feats, boxes
 
     session = _onnx_session(model, inputs(10, 7), ({name: {} for name in names}, [{0: Dim("k0")}, {0: Dim("k1")}]))
     for n0, n1 in ((40, 23), (15, 31)):
         feats, boxes = inputs(n0, n1)
-        assert instseg_ops.assign_levels(boxes, 2, 5).unique().numel() >= 3  # several levels are used
+        assert instseg_ops.assign_levels(boxes, 2, 5).unique().numel() == 4  # every level is used
         got = _onnx_run(session, [feats[name] for name in names] + boxes)[0]
         torch.testing.assert_close(torch.from_numpy(got), model(feats, boxes), rtol=2e-5, atol=2e-5)
 
