@@ -71,12 +71,15 @@ def check_equal(ref, ours, x, tol=1e-4):
 
 
 def test_logits_equal_transformers_small(seed):
-    ref, ours = hf_pair(seed)
-    x = torch.randn(2, 3, 96, 128)
-    c, m, masks = check_equal(ref, ours, x)
-    # non-trivial: masks vary, and some attention mask blocks part of the pixels
-    assert m.std() > 0.1
-    assert any(0.0 < (mk > 0).float().mean().item() < 1.0 for mk in masks[:-1])
+    # non-trivial: masks vary, and some attention mask blocks part of the pixels; random weights
+    # rarely give no such mask, so up to 4 draws are compared (every one must be equal)
+    for k in range(4):
+        ref, ours = hf_pair(seed + k)
+        x = torch.randn(2, 3, 96, 128)
+        c, m, masks = check_equal(ref, ours, x)
+        if m.std() > 0.1 and any(0.0 < (mk > 0).float().mean().item() < 1.0 for mk in masks[:-1]):
+            return
+    pytest.fail("4 random models in a row gave no partially blocked attention mask")
 
 
 @pytest.mark.slow

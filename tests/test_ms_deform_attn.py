@@ -43,7 +43,23 @@ def random_problem(gen, dtype=torch.float64, device="cpu", *, n=None, lq=None, o
     loc = torch.rand(n, lq, m, n_levels, p, 2, generator=gen, dtype=torch.float64) * (1 + 2 * outside) - outside
     attn = torch.rand(n, lq, m, n_levels, p, generator=gen, dtype=torch.float64)
     attn = attn / attn.sum((-1, -2), keepdim=True).clamp(min=1e-6)
+    if dtype in (torch.float16, torch.bfloat16):
+        loc = away_from_cell_edges(loc.to(dtype).double(), shapes).to(dtype).double()
     return (value.to(device, dtype), shapes, loc.to(device, dtype), attn.to(device, dtype))
+
+
+def away_from_cell_edges(loc, shapes, margin=0.05):
+    """Moves the sampling points that lie within ``margin`` pixels of a cell edge of their level
+    (where bilinear sampling's gradient with respect to the location jumps, and float32 and
+    float64 may pick different cells) to the centre of their cell: with half-type locations a
+    reference in float64 is otherwise not comparable there."""
+    out = loc.clone()
+    for lvl, (h, w) in enumerate(shapes):
+        for c, size in ((0, w), (1, h)):
+            x = out[..., lvl, :, c] * size - 0.5
+            near = (x - x.round()).abs() < margin
+            out[..., lvl, :, c] = torch.where(near, (x.floor() + 1.0) / size, out[..., lvl, :, c])
+    return out
 
 
 def tables(shapes, device="cpu"):
