@@ -374,9 +374,11 @@ def test_compile_whole_eval_model(seed):
     with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         want = model(images)
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+    # the traced graph's decompositions sum float32 in another order: at seed 2089110134, 3 of
+    # 53760 mask probabilities differed by 1.2e-5
     for w, g in zip(want, got):
         for k in w:
-            torch.testing.assert_close(g[k], w[k], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g[k], w[k], rtol=1e-4, atol=5e-5)
 
 
 # -------------------------------------------------------------------------- registry and weights
