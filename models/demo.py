@@ -331,32 +331,45 @@ def run_generated_demo(out_path: str, checkpoint: Optional[str] = None, num_imag
     return summary
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m instseg_ops.models.demo", description=__doc__.split("\n")[0])
+def demo_parser(prog: str, description: str, checkpoint_help: str) -> argparse.ArgumentParser:
+    """The options both demos (this one and ``sam.demo``) take: --out, --checkpoint,
+    --num-images, --seed, --device, --threads, --json; see ``parse_demo_args``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", required=True, help="output image (PNG; the format follows the suffix)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint written by instseg_ops.models.train (default: the shipped shapes model)")
-    p.add_argument("--image", nargs="+", default=None,
-                   help="run on these images (any format Pillow reads) instead of generated ones; "
-                        "with several, --out gets a _<k> suffix per image")
+    p.add_argument("--checkpoint", default=None, help=checkpoint_help)
     p.add_argument("--num-images", type=int, default=3, help="generated images (default 3)")
     p.add_argument("--seed", type=int, default=None, help="seed of the generated images (default: a new one each run)")
-    p.add_argument("--size", type=int, default=256, help="generated image size (the model trained on 256 px)")
-    p.add_argument("--score-thresh", type=float, default=0.5)
-    p.add_argument("--min-shown", type=int, default=0,
-                   help="with --image: draw at least this many detections (the best ones) even below --score-thresh")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads")
-    p.add_argument("--train", action="store_true",
-                   help="first retrain the checkpoint from scratch with the recorded commands (about 30 minutes "
-                        "on a CPU), then draw with it")
-    p.add_argument("--train-dir", default="demo_train", help="with --train: data, run and exported checkpoint")
     p.add_argument("--json", default=None, help="also write the counts printed at the end to this JSON file")
+    return p
+
+
+def parse_demo_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``demo_parser``'s options parsed: --num-images checked, --threads applied."""
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num-images must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv=None):
+    p = demo_parser("python -m instseg_ops.models.demo", __doc__.split("\n")[0],
+                    "a checkpoint written by instseg_ops.models.train (default: the shipped shapes model)")
+    p.add_argument("--image", nargs="+", default=None,
+                   help="run on these images (any format Pillow reads) instead of generated ones; "
+                        "with several, --out gets a _<k> suffix per image")
+    p.add_argument("--size", type=int, default=256, help="generated image size (the model trained on 256 px)")
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--min-shown", type=int, default=0,
+                   help="with --image: draw at least this many detections (the best ones) even below --score-thresh")
+    p.add_argument("--train", action="store_true",
+                   help="first retrain the checkpoint from scratch with the recorded commands (about 30 minutes "
+                        "on a CPU), then draw with it")
+    p.add_argument("--train-dir", default="demo_train", help="with --train: data, run and exported checkpoint")
+    args = parse_demo_args(p, argv)
     checkpoint = args.checkpoint
     if args.train:
         if checkpoint:

@@ -13,7 +13,6 @@ many objects a generated mask covers at mask IoU >= 0.5 (class-agnostic: SAM has
 The default checkpoint ships with the package (``assets/sam_tiny_shapes.pth``: float16 weights
 of the ``shapes_sam_tiny_cpu`` preset's 29-minute CPU run, see benchmarks/RESULTS.md).
 """
-import argparse
 import os
 import sys
 import time
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 
 from ..data.io import read_image, write_image
-from ..demo import (ASSETS, _boxes_of, _caption, _tile, _upscale, demo_images, draw_detections, match_detections,
-                    pick_demo_seed)
+from ..demo import (ASSETS, _boxes_of, _caption, _tile, _upscale, demo_images, demo_parser, draw_detections,
+                    match_detections, parse_demo_args, pick_demo_seed)
 from ..engine.checkpoint import model_from_checkpoint
 from ..evaluate import write_json
 from .amg import SamAutomaticMaskGenerator
@@ -94,27 +93,16 @@ def run_sam_demo(out_path: str, generator: SamAutomaticMaskGenerator, num_images
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m instseg_ops.models.sam.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output image (PNG; the format follows the suffix)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a SAM checkpoint written by instseg_ops.models.train (default: the shipped shapes model)")
+    p = demo_parser("python -m instseg_ops.models.sam.demo", __doc__.split("\n")[0],
+                    "a SAM checkpoint written by instseg_ops.models.train (default: the shipped shapes model)")
     p.add_argument("--image", default=None, help="run on this image (any format Pillow reads) instead of generated ones")
-    p.add_argument("--num-images", type=int, default=3, help="generated images (default 3)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the generated images (default: a new one each run)")
     p.add_argument("--points-per-side", type=int, default=32, help="the generator's grid (official default 32)")
     p.add_argument("--pred-iou-thresh", type=float, default=0.5,
                    help="the official default is 0.88; the shipped shapes model predicts lower IoUs (default 0.5)")
     p.add_argument("--stability-score-thresh", type=float, default=0.7,
                    help="the official default is 0.95 (default 0.7, as --pred-iou-thresh)")
     p.add_argument("--min-mask-region-area", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads")
-    p.add_argument("--json", default=None, help="also write the counts printed at the end to this JSON file")
-    args = p.parse_args(argv)
-    if args.num_images < 1:
-        p.error("--num-images must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_demo_args(p, argv)
     checkpoint = args.checkpoint or SAM_DEMO_CHECKPOINT
     if not os.path.exists(checkpoint):
         sys.exit(f"checkpoint {checkpoint} not found")

@@ -125,8 +125,8 @@ def interaction_schedule(point_iters: int, mask_iters: int, generator: Optional[
 
 def _mask_stats(logits: Tensor, target: Tensor, focal_weight: float):
     """focal, dice (each (K, M)) and the true IoU (no grad) of logits (K, M, h, w) against
-    target (K, 1, H, W) in {0, 1}; logits are upsampled bilinearly to (H, W) when it is larger
-    (as ``postprocess_masks`` does before thresholding)."""
+    target (K, 1, H, W) in {0, 1}; logits are resized bilinearly to (H, W) when the sizes
+    differ (upsampled, as ``postprocess_masks`` does before thresholding)."""
     if target.shape[-2:] != logits.shape[-2:]:
         logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=False)
     tgt = target.expand_as(logits)
